@@ -1,0 +1,45 @@
+# Conveyor: two commands do all set-up.
+#   make run   create .venv, install the locked dependencies, run the flagship pipeline
+#   make test  same set-up, then the test suite
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.synced
+PYTEST_ARGS ?=
+
+# One local Prefect home under the repo: the run history the UI shows.
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv run test ui benchmark lock clean
+
+venv: $(STAMP)
+
+# Re-synced only when the lockfile or pyproject changes: the second call is instant.
+$(STAMP): pyproject.toml uv.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv sync --frozen --python $(BIN)/python --quiet
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/conveyor run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Browse the recorded runs (stop with Ctrl-C).
+ui: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+benchmark: $(STAMP)
+	$(BIN)/python -m benchmarks.orchestration_overhead
+
+lock: $(STAMP)
+	$(BIN)/uv lock
+
+clean:
+	rm -rf $(VENV) .prefect data .pytest_cache

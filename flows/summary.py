@@ -1,0 +1,101 @@
+"""The machine-readable run summary (``--summary-json``) and its short table for humans."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tasks.clean import CleanResult
+from tasks.deploy import DeployResult
+from tasks.evaluate import EvaluationResult
+from tasks.ingest import IngestResult
+from tasks.train import TrainResult
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    storage_url: str
+    datasets: dict[str, dict[str, Any]]  # name -> version, url, rows
+    rows_quarantined: int
+    quarantine_reasons: dict[str, int]
+    model: str
+    model_version: str
+    model_url: str
+    features: list[str]
+    device: str
+    best_iteration: int
+    metrics: dict[str, Any]
+    baseline_name: str
+    baseline_metrics: dict[str, Any]
+    champion_metrics: dict[str, Any] | None
+    holdout_rows: int
+    promoted: bool
+    champion_before: str | None
+    champion_after: str | None
+    gate_reason: str
+    plots: dict[str, str]
+    stage_seconds: dict[str, float]
+    flow_run_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, storage_url: str, ingested: IngestResult, cleaned: CleanResult, trained: TrainResult,
+              evaluation: EvaluationResult, deployed: DeployResult, seconds: dict[str, float],
+              flow_run_id: str = "") -> "PipelineSummary":
+        datasets = {}
+        for t in ingested.tables.values():
+            for ref in (t.bronze, t.quarantine):
+                key = ref.name if ref is t.bronze else f"quarantine/{ref.name}"
+                datasets[key] = {"version": ref.version, "url": ref.url, "rows": ref.rows}
+        datasets["silver_flights"] = asdict(cleaned.silver)
+        datasets["quarantine/silver_flights"] = asdict(cleaned.quarantine)
+        reasons: dict[str, int] = dict(cleaned.quarantine_reasons)
+        for name, t in ingested.tables.items():
+            if t.quarantine.rows:
+                reasons[f"{name}: unparseable values at ingest"] = t.quarantine.rows
+        champion = evaluation.champion
+        return cls(
+            storage_url=storage_url,
+            datasets=datasets,
+            rows_quarantined=cleaned.quarantine.rows + ingested.rows_quarantined,
+            quarantine_reasons=reasons,
+            model=trained.model,
+            model_version=trained.version,
+            model_url=trained.model_url,
+            features=trained.features,
+            device=trained.device,
+            best_iteration=trained.best_iteration,
+            metrics=asdict(evaluation.metrics),
+            baseline_name=evaluation.baseline_name,
+            baseline_metrics=asdict(evaluation.baseline),
+            champion_metrics=asdict(champion.metrics) if champion and champion.metrics else None,
+            holdout_rows=evaluation.holdout_rows,
+            promoted=deployed.promoted,
+            champion_before=deployed.champion_before,
+            champion_after=deployed.champion_after,
+            gate_reason=deployed.reason,
+            plots=evaluation.plots,
+            stage_seconds=seconds,
+            flow_run_id=flow_run_id,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        m, b = self.metrics, self.baseline_metrics
+        flights = self.datasets["bronze_flights"]["rows"] + self.datasets["quarantine/bronze_flights"]["rows"]
+        rows = [
+            ("flights read", f"{flights:,}"),
+            ("silver rows", f"{self.datasets['silver_flights']['rows']:,}  (version {self.datasets['silver_flights']['version']})"),
+            ("quarantined", f"{self.rows_quarantined:,}  " + "; ".join(f"{k}: {v:,}" for k, v in self.quarantine_reasons.items())),
+            ("model", f"{self.model} {self.model_version}  ({self.device}, {self.best_iteration + 1} trees)"),
+            ("holdout ROC AUC", f"{m['roc_auc']:.4f}  vs baseline {b['roc_auc']:.4f}  (lift {m['roc_auc'] - b['roc_auc']:+.4f})"),
+            ("holdout log loss", f"{m['log_loss']:.4f}  vs baseline {b['log_loss']:.4f}"),
+            ("holdout F1", f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)"),
+            ("champion", f"{self.champion_before or '-'} -> {self.champion_after or '-'}  ({self.gate_reason})"),
+            ("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())),
+            ("model folder", self.model_url),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,90 @@
+"""Shared fixtures: one small local Dask cluster per session, a real-data sample, a tmp storage root."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.ingest import packaged_source_url
+
+SAMPLE_ROWS = 60_000  # enough flights for a stable lift over the baseline, small enough to be quick
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tasks.train import gpu_count
+
+    if gpu_count():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (NVML sees none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """Two worker processes, one thread each: the shape of the CI machine."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def packaged_dir() -> Path:
+    return Path(packaged_source_url().removeprefix("file://"))
+
+
+@pytest.fixture(scope="session")
+def small_source(tmp_path_factory: pytest.TempPathFactory, packaged_dir: Path) -> Path:
+    """A folder of the real tables, flights cut to the first 5,000 rows (as text, untouched)."""
+    folder = tmp_path_factory.mktemp("source")
+    for name in ("weather.csv", "planes.csv", "airlines.csv", "airports.csv"):
+        shutil.copy(packaged_dir / name, folder / name)
+    flights = pd.read_csv(packaged_dir / "flights.csv.zip", dtype=str, keep_default_na=False, nrows=5_000)
+    flights.to_csv(folder / "flights.csv", index=False)
+    return folder
+
+
+def source_with(base: Path, dest: Path, flights: pd.DataFrame) -> Path:
+    """A copy of ``base`` whose flights table is ``flights``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.name != "flights.csv":
+            shutil.copy(item, dest / item.name)
+    flights.to_csv(dest / "flights.csv", index=False)
+    return dest
+
+
+@dataclass
+class PipelineRun:
+    store: object
+    ingested: object
+    cleaned: object
+    trained: object
+    evaluation: object
+    deployed: object
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> PipelineRun:
+    """The five stages once, on a deterministic sample of the real flights."""
+    from tasks import clean, deploy, evaluate, ingest, train
+    from tasks.storage import Store
+
+    store = Store.from_url(tmp_path_factory.mktemp("store").as_uri())
+    ingested = ingest.ingest(store, dask_client, None, ingest.IngestParams(max_rows=SAMPLE_ROWS))
+    cleaned = clean.clean(store, ingested, dask_client)
+    trained = train.train(store, cleaned, dask_client, train.TrainParams(num_boost_round=200))
+    evaluation = evaluate.evaluate(store, cleaned, trained, dask_client)
+    deployed = deploy.deploy(store, cleaned, trained, evaluation)
+    return PipelineRun(store, ingested, cleaned, trained, evaluation, deployed)

@@ -1,0 +1,70 @@
+"""The training flow against a real Prefect API (prefect_test_harness), on its own local Dask cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pandas as pd
+import pytest
+
+from flows.params import PipelineParams
+from tests.conftest import source_with
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=50)
+
+    return asyncio.run(read())
+
+
+def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
+    from flows.training import training
+
+    params = PipelineParams(storage_url=(tmp_path / "store").as_uri(), max_rows=30_000, cluster="cpu", n_workers=2)
+    state = training(params, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.metrics["roc_auc"] > summary.baseline_metrics["roc_auc"]
+    assert summary.promoted and summary.champion_after == summary.model_version
+    assert set(summary.stage_seconds) == {"ingest", "clean", "train", "evaluate", "deploy", "total"}
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert sorted(r.name.split("-")[0] for r in runs) == ["clean", "deploy", "evaluate", "ingest", "train"]
+    assert all(r.state.is_completed() and r.run_count == 1 for r in runs)
+
+
+def test_bad_input_fails_fast_with_the_field_named(prefect_api, tmp_path, small_source) -> None:
+    from flows.training import training
+
+    flights = pd.read_csv(small_source / "flights.csv", dtype=str, keep_default_na=False).drop(columns=["sched_dep_time"])
+    src = source_with(small_source, tmp_path / "src", flights)
+    params = PipelineParams(storage_url=(tmp_path / "store").as_uri(), source_url=src.as_uri(), cluster="cpu", n_workers=1)
+    state = training(params, return_state=True)
+
+    assert state.is_failed()
+    assert "field 'sched_dep_time'" in state.message or "sched_dep_time" in str(state.data)
+    ingest_runs = [r for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("ingest")]
+    assert len(ingest_runs) == 1 and ingest_runs[0].run_count == 1  # validation errors are not retried
+
+
+def test_params_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="cluster"):
+        PipelineParams(cluster="kubernetes")
+    with pytest.raises(ValueError):
+        PipelineParams(train_end="2013-13-01")
+    with pytest.raises(ValueError, match="valid_end"):
+        PipelineParams(train_end="2013-10-01", valid_end="2013-09-01").split_params()

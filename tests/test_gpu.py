@@ -1,0 +1,45 @@
+"""The GPU path: dask-cuda cluster, XGBoost device="cuda". Skipped where NVML sees no CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cluster import resolve
+
+
+def test_auto_picks_cpu_without_gpus(monkeypatch) -> None:
+    monkeypatch.setattr("flows.cluster.gpu_count", lambda: 0)
+    choice = resolve("auto")
+    assert choice.kind == "cpu" and choice.n_workers >= 1
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve("gpu")
+
+
+def test_auto_picks_one_worker_per_gpu(monkeypatch) -> None:
+    monkeypatch.setattr("flows.cluster.gpu_count", lambda: 4)
+    choice = resolve("auto")
+    assert (choice.kind, choice.n_workers, choice.threads_per_worker) == ("gpu", 4, 1)
+    assert resolve("tcp://scheduler:8786").address == "tcp://scheduler:8786"
+
+
+def test_xgb_params_follow_the_device() -> None:
+    from tasks.train import TrainParams, xgb_params
+
+    assert xgb_params(TrainParams(), "cuda")["device"] == "cuda"
+    assert xgb_params(TrainParams(), "cpu")["device"] == "cpu"
+    assert xgb_params(TrainParams(), "cpu")["tree_method"] == "hist"
+
+
+@pytest.mark.gpu
+def test_train_on_local_cuda_cluster(pipeline_run, tmp_path) -> None:
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+
+    from tasks import train
+
+    with LocalCUDACluster(n_workers=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        assert train.workers_have_gpus(client)
+        result = train.train(pipeline_run.store, pipeline_run.cleaned, client,
+                             train.TrainParams(num_boost_round=200, seed=7), model="flights_late_gpu")
+    assert result.device == "cuda"
+    assert result.valid_auc > 0.6
