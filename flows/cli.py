@@ -34,6 +34,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--prefect-port", type=int, default=4200, help="port of the local Prefect server (default: %(default)s)")
     run.add_argument("--keep-server", action="store_true", help="leave a Prefect server this command started running")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.set_defaults(handler=cmd_run)
 
 
 def build_params(args: argparse.Namespace) -> PipelineParams:
@@ -81,13 +82,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def command_modules() -> list[str]:
+    """Further command groups: every ``flows/cli_*.py`` defines ``add_commands(subparsers)``.
+
+    Each adds its parsers with ``set_defaults(handler=...)``; handlers import heavy
+    modules themselves so ``--help`` stays fast.
+    """
+    return sorted(f"flows.{p.stem}" for p in Path(__file__).parent.glob("cli_*.py"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
-    args = parser.parse_args(argv)
+    for name in command_modules():
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.command](args)
+        return args.handler(args)
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"conveyor: invalid parameters: {errors}", file=sys.stderr)

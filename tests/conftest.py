@@ -88,3 +88,41 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> Pipel
     evaluation = evaluate.evaluate(store, cleaned, trained, dask_client)
     deployed = deploy.deploy(store, cleaned, trained, evaluation)
     return PipelineRun(store, ingested, cleaned, trained, evaluation, deployed)
+
+
+# --- S3: a real S3 protocol server (moto's server mode), s3fs's own test pattern -------------
+
+S3_KEYS = {"key": "testing", "secret": "testing"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's ThreadedMotoServer on a loopback port for the session; stopped in teardown."""
+    from moto.server import ThreadedMotoServer
+
+    from flows.api import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint, monkeypatch) -> dict:
+    """Fresh, empty S3 for each test (moto reset), plus the fsspec options to reach it."""
+    import urllib.request
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"endpoint_url": s3_endpoint, **S3_KEYS}
+    s3fs.S3FileSystem(**options).mkdir("conveyor-test")
+    return options
