@@ -36,6 +36,7 @@ class PipelineSummary:
     plots: dict[str, str]
     stage_seconds: dict[str, float]
     flow_run_id: str = ""
+    reused: list[str] = field(default_factory=list)  # stages whose committed output was found, not recomputed
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -77,6 +78,8 @@ class PipelineSummary:
             plots=evaluation.plots,
             stage_seconds=seconds,
             flow_run_id=flow_run_id,
+            reused=[stage for stage, result in (("ingest", ingested), ("clean", cleaned), ("train", trained))
+                    if result.reused],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -95,6 +98,7 @@ class PipelineSummary:
             ("holdout F1", f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)"),
             ("champion", f"{self.champion_before or '-'} -> {self.champion_after or '-'}  ({self.gate_reason})"),
             ("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())),
+            ("reused", ", ".join(self.reused) + " (committed by an earlier run)" if self.reused else "nothing (all computed)"),
             ("model folder", self.model_url),
         ]
         width = max(len(k) for k, _ in rows)

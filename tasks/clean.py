@@ -9,6 +9,7 @@ departure: the schedule, carrier, route, aircraft and weather at the origin.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -98,6 +99,7 @@ class CleanResult:
     quarantine_reasons: dict[str, int]
     features: list[str]
     categories: dict[str, list[str]]
+    reused: bool = False  # found committed from an earlier run, not recomputed
 
 
 def reasons_for(flights: pd.DataFrame, dims: Dimensions) -> pd.Series:
@@ -207,7 +209,7 @@ def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
     q_url = store.quarantine_url("silver_flights", version)
     done, q_done = committed(store, "silver_flights", version), committed(store, "silver_flights", version, q_url)
     if done is not None and q_done is not None:
-        return _result(store, done, q_done, flights_in.rows)
+        return dataclasses.replace(_result(store, done, q_done, flights_in.rows), reused=True)
 
     dims = load_dimensions(store, ingested)
     flights = read_dataset(store, flights_in.url)

@@ -46,11 +46,16 @@ class TableIngest:
     quarantine: DatasetRef
     rows_read: int
     source: str
+    reused: bool = False  # found committed from an earlier run, not re-read
 
 
 @dataclass(frozen=True)
 class IngestResult:
     tables: dict[str, TableIngest]
+
+    @property
+    def reused(self) -> bool:
+        return all(t.reused for t in self.tables.values())
 
     @property
     def rows_quarantined(self) -> int:
@@ -229,7 +234,7 @@ def ingest_table(
     q_url = store.quarantine_url(quarantine_name, version)
     q = committed(store, quarantine_name, version, q_url)
     if done is not None and q is not None:
-        return TableIngest(bronze=done, quarantine=q, rows_read=done.rows + q.rows, source=url)
+        return TableIngest(bronze=done, quarantine=q, rows_read=done.rows + q.rows, source=url, reused=True)
 
     raw = _read_raw(url, schema, source_options)
     frac = 1.0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import posixpath
 import time
+import dataclasses
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +66,9 @@ class TrainResult:
     xgb_params: dict[str, Any] = field(default_factory=dict)
     split: dict[str, str] = field(default_factory=dict)
     silver_version: str = ""
+    model_bytes: int = -1
+    model_sha256: str = ""
+    reused: bool = False  # found committed from an earlier run, not retrained
 
 
 def gpu_count() -> int:
@@ -167,7 +172,7 @@ def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams =
     model_url = store.model_url(model, version)
     info_url = posixpath.join(model_url, TRAIN_INFO)
     if exists(store, info_url) and exists(store, posixpath.join(model_url, MODEL_FILE)):
-        return train_info(store, model_url)
+        return dataclasses.replace(train_info(store, model_url), reused=True)
 
     started = time.perf_counter()
     features = cleaned.features
@@ -194,7 +199,8 @@ def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams =
     booster: xgb.Booster = output["booster"]
     history = output["history"]["valid"]
     best = int(booster.best_iteration)
-    write_bytes_atomic(store, posixpath.join(model_url, MODEL_FILE), bytes(booster.save_raw(raw_format="ubj")))
+    raw = bytes(booster.save_raw(raw_format="ubj"))
+    write_bytes_atomic(store, posixpath.join(model_url, MODEL_FILE), raw)
     result = TrainResult(
         model=model,
         version=version,
@@ -211,6 +217,8 @@ def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams =
         xgb_params=booster_params,
         split=asdict(split),
         silver_version=cleaned.silver.version,
+        model_bytes=len(raw),
+        model_sha256=hashlib.sha256(raw).hexdigest(),
     )
     write_json_atomic(store, info_url, asdict(result))  # last: marks the training as finished
     return result

@@ -40,6 +40,15 @@ def dask_client():
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (a temporary server process) for the session; prefect-dask's pattern."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def packaged_dir() -> Path:
     return Path(packaged_source_url().removeprefix("file://"))
 
