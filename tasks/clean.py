@@ -204,7 +204,7 @@ def load_dimensions(store: Store, ingested: IngestResult) -> Dimensions:
 
 def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
     flights_in = ingested.tables["flights"].bronze
-    version = content_version("clean", {k: v.bronze.version for k, v in ingested.tables.items()}, code_version())
+    version = content_version("clean", {k: v.bronze.version for k, v in ingested.tables.items()}, code_version("clean"))
     silver_url = store.dataset_url("silver_flights", version)
     q_url = store.quarantine_url("silver_flights", version)
     done, q_done = committed(store, "silver_flights", version), committed(store, "silver_flights", version, q_url)

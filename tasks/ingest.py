@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from tasks.schema import TABLES, InputError, TableSchema
@@ -123,12 +126,23 @@ def _parse(raw: pd.Series, kind: str) -> pd.Series:
         return raw.astype("string")
     if kind == "timestamp":
         return pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601").astype("datetime64[ns, UTC]")
-    values = pd.to_numeric(raw, errors="coerce").astype("float64")
+    values = _to_float(raw)
     if kind == "int":
         whole = values.isna() | (values == np.floor(values))
         values = values.where(whole)
         return values.astype("Int64")
     return values
+
+
+def _to_float(raw: pd.Series) -> pd.Series:
+    """Numbers from text: pyarrow's cast (fast) when every value parses, else pandas' per-value coercion."""
+    if _is_text(raw):
+        try:
+            cast = pc.cast(pa.array(raw.astype("string"), from_pandas=True), pa.float64())
+            return pd.Series(cast.to_numpy(zero_copy_only=False), index=raw.index, dtype="float64")
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass  # some value does not parse: find which ones below
+    return pd.to_numeric(raw, errors="coerce").astype("float64")
 
 
 def _missing(raw: pd.Series) -> pd.Series:
@@ -185,13 +199,16 @@ def _read_raw(url: str, schema: TableSchema, storage_options: dict[str, Any]) ->
                 usecols=schema.names,
                 dtype=str,
                 keep_default_na=False,
+                engine="pyarrow",
                 blocksize=None if compressed else TARGET_PARTITION_BYTES,
                 compression="infer",
                 storage_options=storage_options,
             )
             if compressed:
+                # One task must decompress the whole file: do it once, keep it on the cluster for
+                # the type probe, the sample count and the write, then split it for the typing work.
                 size = fs.size(path)
-                ddf = ddf.repartition(npartitions=max(1, math.ceil(size * 4 / TARGET_PARTITION_BYTES)))
+                ddf = ddf.persist().repartition(npartitions=max(1, math.ceil(size * 4 / TARGET_PARTITION_BYTES)))
         probe = ddf.get_partition(0).head(PROBE_ROWS, compute=True)
     except InputError:
         raise
@@ -228,7 +245,7 @@ def ingest_table(
     fs, path = url_to_fs(url, **source_options)
     fingerprint = [(p, fs.ukey(p)) for p in ([path] if fs.isfile(path) else sorted(fs.glob(posixpath.join(path, "*.parquet"))))]
     sample = params.max_rows if table == "flights" else None
-    version = content_version("ingest", table, fingerprint, sample, params.seed, code_version())
+    version = content_version("ingest", table, fingerprint, sample, params.seed, code_version("ingest"))
     bronze_name, quarantine_name = f"bronze_{table}", f"bronze_{table}"
     done = committed(store, bronze_name, version)
     q_url = store.quarantine_url(quarantine_name, version)
@@ -275,6 +292,8 @@ def ingest(
     source_url = source_url or packaged_source_url()
     source_options = source_options or {}
     urls = {t: find_table(source_url, t, source_options) for t in TABLES}
-    return IngestResult(
-        tables={t: ingest_table(store, t, u, params, client, source_options) for t, u in urls.items()}
-    )
+    # The tables are independent: submit them together so the small ones fill the cluster
+    # while the big one is read (each table's graph is still computed by Dask).
+    with ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="ingest") as pool:
+        futures = {t: pool.submit(ingest_table, store, t, u, params, client, source_options) for t, u in urls.items()}
+        return IngestResult(tables={t: f.result() for t, f in futures.items()})

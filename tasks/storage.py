@@ -72,10 +72,24 @@ def content_version(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def code_version() -> str:
-    """Hash of the stage code, so a code change makes new versions."""
+# The modules every stage's output depends on, besides its own.
+SHARED_MODULES = ("storage", "schema")
+
+
+def code_version(*stages: str) -> str:
+    """Hash of the code that made an output, so a change to it makes new versions.
+
+    With stage names (``code_version("clean", "ingest")``) only those modules and
+    the shared ones count: editing evaluation code does not invalidate the
+    committed datasets and models. Without names, every module counts.
+    """
+    folder = Path(__file__).parent
+    if stages:
+        sources = [folder / f"{name}.py" for name in sorted({*stages, *SHARED_MODULES})]
+    else:
+        sources = sorted(folder.glob("*.py"))
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    for source in sources:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]

@@ -7,10 +7,10 @@ registry) until deploy writes its ``card.json``.
 
 from __future__ import annotations
 
-import posixpath
-import time
 import dataclasses
 import hashlib
+import posixpath
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -168,7 +168,7 @@ def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams =
     if device == "auto":
         device = "cuda" if workers_have_gpus(client) else "cpu"
     # The device is not part of the version: the same data and params give the same model family.
-    version = content_version("train", cleaned.silver.version, asdict(params) | {"device": None}, asdict(split), code_version())
+    version = content_version("train", cleaned.silver.version, asdict(params) | {"device": None}, asdict(split), code_version("train"))
     model_url = store.model_url(model, version)
     info_url = posixpath.join(model_url, TRAIN_INFO)
     if exists(store, info_url) and exists(store, posixpath.join(model_url, MODEL_FILE)):
