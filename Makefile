@@ -14,7 +14,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv run test ui benchmark lock clean
+.PHONY: venv run test ui serve-local benchmark lock clean
 
 venv: $(STAMP)
 
@@ -43,3 +43,7 @@ lock: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .prefect data .pytest_cache
+
+# The served setup on this machine: Prefect server + work pool + deployments + worker (Ctrl-C stops it).
+serve-local: $(STAMP)
+	$(BIN)/conveyor serve-local

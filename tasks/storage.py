@@ -37,7 +37,7 @@ class Store:
     """
 
     root: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
     @classmethod
     def from_url(cls, root: str, options: dict[str, Any] | None = None) -> "Store":

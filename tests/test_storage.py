@@ -99,3 +99,8 @@ def test_store_from_plain_path_is_a_file_url(tmp_path) -> None:
     assert store.root.startswith("file:///")
     assert store.dataset_url("n", "v") == f"{store.root}/datasets/n/v"
     assert MANIFEST == "_manifest.json"
+
+
+def test_store_repr_never_shows_credentials() -> None:
+    store = Store.from_url("s3://bucket/prefix", {"key": "AKIAEXAMPLE", "secret": "s3cr3t"})
+    assert "s3cr3t" not in repr(store) and "AKIAEXAMPLE" not in str(store)
