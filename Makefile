@@ -12,7 +12,6 @@ PYTEST_ARGS ?=
 # One local Prefect home under the repo: the run history the UI shows.
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: venv run test ui serve-local benchmark lock clean
 
@@ -22,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv sync --frozen --python $(BIN)/python --quiet
+	$(BIN)/uv sync --frozen --compile-bytecode --python $(BIN)/python --quiet
 	@touch $(STAMP)
 
 run: $(STAMP)

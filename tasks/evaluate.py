@@ -178,18 +178,23 @@ def _fmt(v: float) -> str:
 
 def render_report(result_metrics: Metrics, baseline: Metrics, champion: ChampionScore | None, holdout_rows: int,
                   positive_rate: float, baseline_name: str, plots: dict[str, str]) -> str:
-    cols = [("model", result_metrics), (baseline_name, baseline)]
-    if champion is not None and champion.metrics is not None:
+    cols = [("model (challenger)", result_metrics), (baseline_name, baseline)]
+    scored = champion is not None and champion.metrics is not None
+    if scored:
         cols.append((f"champion {champion.version}", champion.metrics))
     names = ["roc_auc", "log_loss", "brier", "calibration_error", "threshold", "accuracy", "precision", "recall", "f1"]
+    delta = ["challenger - champion"] if scored else []
     lines = [
         f"Holdout: {holdout_rows:,} flights, {positive_rate:.1%} arrived more than 15 minutes late.",
         "",
-        "| metric | " + " | ".join(c for c, _ in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        "| metric | " + " | ".join([*(c for c, _ in cols), *delta]) + " |",
+        "|---|" + "---|" * (len(cols) + len(delta)),
     ]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(_fmt(getattr(m, n)) for _, m in cols) + " |")
+        cells = [_fmt(getattr(m, n)) for _, m in cols]
+        if scored:  # side by side with the champion on the same holdout, and by how much it moved
+            cells.append(f"{getattr(result_metrics, n) - getattr(champion.metrics, n):+.4f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lift = result_metrics.roc_auc - baseline.roc_auc
     lines += ["", f"ROC AUC lift over the baseline: {lift:+.4f} ({'beats' if lift > 0 else 'does NOT beat'} it)."]
     if champion is not None and champion.note:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +108,8 @@ def _present_columns(url: str, storage_options: dict[str, Any]) -> list[str]:
         with fs.open(path, "rb", compression="infer") as fh:
             return list(pd.read_csv(fh, nrows=0).columns)
     except InputError:
+        raise
+    except (ConnectionError, TimeoutError):  # transient: let the retry policy see it
         raise
     except Exception as exc:  # unreadable: corrupt, wrong format, permissions
         raise InputError(url, None, f"cannot read file ({type(exc).__name__}: {exc})") from None
@@ -212,6 +213,8 @@ def _read_raw(url: str, schema: TableSchema, storage_options: dict[str, Any]) ->
         probe = ddf.get_partition(0).head(PROBE_ROWS, compute=True)
     except InputError:
         raise
+    except (ConnectionError, TimeoutError):  # transient: let the retry policy see it
+        raise
     except Exception as exc:
         raise InputError(url, None, f"cannot read file ({type(exc).__name__}: {exc})") from None
     _check_column_types(probe, schema, url)
@@ -292,8 +295,8 @@ def ingest(
     source_url = source_url or packaged_source_url()
     source_options = source_options or {}
     urls = {t: find_table(source_url, t, source_options) for t in TABLES}
-    # The tables are independent: submit them together so the small ones fill the cluster
-    # while the big one is read (each table's graph is still computed by Dask).
-    with ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="ingest") as pool:
-        futures = {t: pool.submit(ingest_table, store, t, u, params, client, source_options) for t, u in urls.items()}
-        return IngestResult(tables={t: f.result() for t, f in futures.items()})
+    # One table at a time: computing several tables' graphs from threads at once deadlocked
+    # under load (seen in tests); each table is still partition-parallel on the cluster.
+    return IngestResult(
+        tables={t: ingest_table(store, t, u, params, client, source_options) for t, u in urls.items()}
+    )

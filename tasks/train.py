@@ -100,7 +100,9 @@ def encode(frame: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFram
     out = frame.copy()
     for col in CATEGORICAL:
         if col in out.columns:
-            codes = pd.Categorical(out[col].astype("string"), categories=categories[col]).codes
+            values = out[col].astype("string")
+            values = values.where(values.isin(categories[col]))  # unseen -> NA, as before
+            codes = pd.Categorical(values, categories=categories[col]).codes
             out[col] = np.where(codes < 0, np.nan, codes).astype("float32")
     return out
 

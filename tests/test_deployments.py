@@ -16,21 +16,39 @@ def _prefect_yaml() -> dict:
     return yaml.safe_load((ROOT / "prefect.yaml").read_text())
 
 
-def test_every_deployment_entrypoint_is_a_flow() -> None:
+def _flow(deployment: dict):
     from prefect.flows import load_flow_from_entrypoint
 
-    for deployment in _prefect_yaml()["deployments"]:
-        path, _, name = deployment["entrypoint"].partition(":")
-        flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + name)
-        assert flow.name == "conveyor-training"
+    path, _, name = deployment["entrypoint"].partition(":")
+    return load_flow_from_entrypoint(str(ROOT / path) + ":" + name)
 
 
 @pytest.mark.parametrize("deployment", _prefect_yaml()["deployments"], ids=lambda d: d["name"])
-def test_deployment_parameters_validate(deployment: dict) -> None:
-    PipelineParams(**deployment.get("parameters", {}).get("params", {}))
+def test_deployment_entrypoint_and_parameters_validate(deployment: dict) -> None:
+    flow = _flow(deployment)
+    assert flow.name.startswith("conveyor-")
+    if deployment.get("parameters"):
+        flow.validate_parameters(deployment["parameters"])
+    if flow.name == "conveyor-training":
+        PipelineParams(**deployment.get("parameters", {}).get("params", {}))
 
 
-@pytest.mark.parametrize("env_file", sorted((ROOT / "deployments").glob("*.yaml")), ids=lambda p: p.name)
+def test_triggers_and_schedules_name_their_timezone_and_event() -> None:
+    deployments = {d["name"]: d for d in _prefect_yaml()["deployments"]}
+    assert all(s["timezone"] == "UTC" for d in deployments.values() for s in d.get("schedules", []))
+    trigger = deployments["on-new-data"]["triggers"][0]
+    assert trigger["expect"] == ["conveyor.dataset.landed"]
+    assert trigger["parameters"]["params"]["source_url"] == "{{ event.resource.id }}"
+
+
+ENV_FILES = sorted(p for p in (ROOT / "deployments").glob("*.yaml") if "params" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def test_dev_and_prod_parameter_files_exist() -> None:
+    assert {p.name for p in ENV_FILES} >= {"dev.yaml", "prod.yaml"}
+
+
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda p: p.name)
 def test_environment_parameter_files_validate(env_file: Path) -> None:
     PipelineParams(**yaml.safe_load(env_file.read_text())["params"])
 

@@ -26,7 +26,9 @@ def _task_runs(flow_run_id):
 def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
     from flows.training import training
 
-    params = PipelineParams(storage_url=(tmp_path / "store").as_uri(), max_rows=30_000, cluster="cpu", n_workers=2)
+    replica = (tmp_path / "replica").as_uri()
+    params = PipelineParams(storage_url=(tmp_path / "store").as_uri(), max_rows=30_000, cluster="cpu", n_workers=2,
+                            replicas=[replica])
     state = training(params, return_state=True)
 
     assert state.is_completed(), state.message
@@ -34,8 +36,16 @@ def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
     assert summary.metrics["roc_auc"] > summary.baseline_metrics["roc_auc"]
     assert summary.promoted and summary.champion_after == summary.model_version
     assert set(summary.stage_seconds) == {"ingest", "clean", "train", "evaluate", "deploy", "total"}
+    from tasks.maintenance import verify
+    from tasks.storage import Store
+
+    assert summary.extra["replicas"][replica]["copied"] == 13  # 5 tables x 2 + silver x 2 + the model
+    assert verify(Store.from_url(replica)).ok
     runs = _task_runs(state.state_details.flow_run_id)
-    assert sorted(r.name.split("-")[0] for r in runs) == ["clean", "deploy", "evaluate", "ingest", "train"]
+    stages = sorted(r.name.split("-")[0] for r in runs if not r.name.startswith(("monitor-", "replicate")))
+    assert stages == ["clean", "deploy", "evaluate", "ingest", "train"]
+    monitors = sorted(r.name.rsplit("-", 1)[0] for r in runs if r.name.startswith("monitor-"))
+    assert monitors == ["monitor-data", "monitor-model"]
     assert all(r.state.is_completed() and r.run_count == 1 for r in runs)
 
 

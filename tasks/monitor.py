@@ -1,0 +1,226 @@
+"""Monitoring checks: data quality of each clean run and the model against its champion.
+
+Pure logic (no orchestration): a profile of a silver version (rows, null rate
+per column, binned distributions), and checks of a profile against thresholds
+and a reference profile (the previous silver version, the champion's training
+data). Profiles are stored as JSON under ``<root>/monitoring/<dataset>/<version>/``
+so the next run has something to compare against without re-reading old data.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.storage import Store, exists, open_manifest, read_dataset, read_json, write_json_atomic
+
+PROFILE = "profile.json"
+LATEST = "latest.json"
+BINS = 10
+EPS = 1e-4  # PSI floor for empty bins, the usual choice
+OTHER = "__other__"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every monitoring threshold, with its default (flows/params.py exposes them as the run form)."""
+
+    max_row_change: float = 0.5  # |rows - previous rows| / previous rows
+    max_null_rate: float = 0.25  # share of nulls in any column ...
+    null_rate_limits: dict[str, float] = field(default_factory=lambda: {"wind_gust": 0.85})  # ... unless listed here
+    max_quarantine_share: float = 0.10  # quarantined / rows in
+    max_psi: float = 0.25  # population stability index per feature (0.1 moderate, 0.25 significant shift)
+    max_metric_drop: float = 0.01  # champion's holdout metric minus the challenger's
+    metric: str = "roc_auc"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # e.g. "null_rate:wind_gust", "psi:distance", "row_change"
+    value: float
+    threshold: float
+    breached: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    subject: str  # "silver_flights <version>" or "flights_late <version>"
+    checks: list[Check]
+
+    @property
+    def breaches(self) -> list[Check]:
+        return [c for c in self.checks if c.breached]
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self.checks]
+
+
+@dataclass(frozen=True)
+class ColumnProfile:
+    kind: str  # "numeric" or "categorical"
+    null_rate: float
+    edges: list[float] = field(default_factory=list)  # numeric: inner quantile edges
+    shares: list[float] = field(default_factory=list)  # numeric: share per bin (len(edges) + 1)
+    categories: dict[str, float] = field(default_factory=dict)  # categorical: share per value
+
+
+@dataclass(frozen=True)
+class DataProfile:
+    dataset: str
+    version: str
+    rows: int
+    rows_in: int
+    quarantined: int
+    columns: dict[str, ColumnProfile]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DataProfile":
+        data = dict(data)
+        data["columns"] = {k: ColumnProfile(**v) for k, v in data["columns"].items()}
+        return cls(**data)
+
+
+# --- profiles -----------------------------------------------------------------------------
+
+def _is_numeric(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def _bin_shares(values: np.ndarray, edges: list[float]) -> list[float]:
+    counts = np.bincount(np.searchsorted(np.asarray(edges), values, side="right"), minlength=len(edges) + 1)
+    total = counts.sum()
+    return (counts / total).tolist() if total else [0.0] * (len(edges) + 1)
+
+
+def profile_frame(frame: pd.DataFrame, dataset: str, version: str, rows_in: int, quarantined: int,
+                  columns: list[str], reference: "DataProfile | None" = None) -> DataProfile:
+    """Profile ``columns`` of ``frame``; numeric bins reuse the reference's edges so PSI compares like with like."""
+    profiles: dict[str, ColumnProfile] = {}
+    for col in columns:
+        series = frame[col]
+        null_rate = float(series.isna().mean()) if len(series) else 0.0
+        present = series.dropna()
+        ref = reference.columns.get(col) if reference else None
+        if _is_numeric(series):
+            values = present.to_numpy(dtype="float64")
+            if ref is not None and ref.kind == "numeric":
+                edges = ref.edges
+            else:
+                qs = np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1]) if len(values) else np.array([])
+                edges = sorted(set(float(q) for q in qs))
+            profiles[col] = ColumnProfile("numeric", null_rate, edges=list(edges), shares=_bin_shares(values, edges))
+        else:
+            shares = present.astype(str).value_counts(normalize=True)
+            profiles[col] = ColumnProfile("categorical", null_rate, categories={str(k): float(v) for k, v in shares.items()})
+    return DataProfile(dataset, version, int(len(frame)), int(rows_in), int(quarantined), profiles)
+
+
+def profile_dataset(store: Store, url: str, dataset: str, version: str, rows_in: int, quarantined: int,
+                    columns: list[str], reference: DataProfile | None = None) -> DataProfile:
+    """Profile a committed version (the columns are read through Dask, then binned in this process)."""
+    frame = read_dataset(store, url, columns=columns).compute()
+    return profile_frame(frame, dataset, version, rows_in, quarantined, columns, reference)
+
+
+def psi(expected: list[float], actual: list[float]) -> float:
+    """Population stability index of two share vectors over the same bins."""
+    total = 0.0
+    for e, a in zip(expected, actual):
+        e, a = max(e, EPS), max(a, EPS)
+        total += (a - e) * math.log(a / e)
+    return float(total)
+
+
+def column_psi(reference: ColumnProfile, current: ColumnProfile) -> float:
+    if reference.kind == "numeric" and current.kind == "numeric" and reference.edges == current.edges:
+        return psi(reference.shares, current.shares)
+    keys = sorted(set(reference.categories) | set(current.categories))
+    return psi([reference.categories.get(k, 0.0) for k in keys], [current.categories.get(k, 0.0) for k in keys])
+
+
+# --- checks -------------------------------------------------------------------------------
+
+def check_data(current: DataProfile, thresholds: Thresholds, previous: DataProfile | None = None,
+               training: DataProfile | None = None) -> MonitorReport:
+    """Row change vs the previous version, null rates, quarantine share, drift vs the training data."""
+    checks: list[Check] = []
+    if previous is not None and previous.rows > 0:
+        change = abs(current.rows - previous.rows) / previous.rows
+        checks.append(Check("row_change", round(change, 6), thresholds.max_row_change, change > thresholds.max_row_change,
+                            f"{previous.rows:,} rows in {previous.version} -> {current.rows:,} in {current.version}"))
+    for col, prof in current.columns.items():
+        limit = thresholds.null_rate_limits.get(col, thresholds.max_null_rate)
+        checks.append(Check(f"null_rate:{col}", round(prof.null_rate, 6), limit, prof.null_rate > limit))
+    share = current.quarantined / current.rows_in if current.rows_in else 0.0
+    checks.append(Check("quarantine_share", round(share, 6), thresholds.max_quarantine_share,
+                        share > thresholds.max_quarantine_share, f"{current.quarantined:,} of {current.rows_in:,} rows"))
+    if training is not None:
+        for col, prof in current.columns.items():
+            ref = training.columns.get(col)
+            if ref is None:
+                continue
+            value = column_psi(ref, prof)
+            checks.append(Check(f"psi:{col}", round(value, 6), thresholds.max_psi, value > thresholds.max_psi,
+                                f"vs training data {training.dataset} {training.version}"))
+    return MonitorReport(f"{current.dataset} {current.version}", checks)
+
+
+def check_model(model: str, version: str, metrics: dict[str, float], champion_metrics: dict[str, float] | None,
+                champion_version: str | None, thresholds: Thresholds) -> MonitorReport:
+    """The challenger's holdout metric against the champion's on the same holdout."""
+    checks: list[Check] = []
+    metric = thresholds.metric
+    if champion_metrics is not None and metric in champion_metrics and metric in metrics:
+        higher_is_better = metric not in {"log_loss", "brier", "calibration_error"}
+        drop = champion_metrics[metric] - metrics[metric] if higher_is_better else metrics[metric] - champion_metrics[metric]
+        checks.append(Check(f"metric_drop:{metric}", round(drop, 6), thresholds.max_metric_drop, drop > thresholds.max_metric_drop,
+                            f"{model} {version}: {metrics[metric]:.4f} vs champion {champion_version}: {champion_metrics[metric]:.4f}"))
+    return MonitorReport(f"{model} {version}", checks)
+
+
+# --- stored profiles ----------------------------------------------------------------------
+
+def profile_url(store: Store, dataset: str, version: str) -> str:
+    return store.url("monitoring", dataset, version, PROFILE)
+
+
+def save_profile(store: Store, profile: DataProfile, latest: bool = True) -> str:
+    """Store ``profile`` (and, by default, mark it as the latest one checked)."""
+    url = profile_url(store, profile.dataset, profile.version)
+    write_json_atomic(store, url, asdict(profile))
+    if latest:
+        write_json_atomic(store, store.url("monitoring", profile.dataset, LATEST), {"version": profile.version})
+    return url
+
+
+def load_profile(store: Store, dataset: str, version: str) -> DataProfile | None:
+    url = profile_url(store, dataset, version)
+    return DataProfile.from_json(read_json(store, url)) if exists(store, url) else None
+
+
+def latest_profile(store: Store, dataset: str) -> DataProfile | None:
+    """The profile of the last version checked (the "last silver version")."""
+    pointer = store.url("monitoring", dataset, LATEST)
+    if not exists(store, pointer):
+        return None
+    return load_profile(store, dataset, read_json(store, pointer)["version"])
+
+
+def training_profile(store: Store, dataset: str, version: str, columns: list[str]) -> DataProfile | None:
+    """The stored profile of the data a model was trained on; profiled now if still committed but never profiled."""
+    found = load_profile(store, dataset, version)
+    if found is not None:
+        return found
+    url = store.dataset_url(dataset, version)
+    if not exists(store, posixpath.join(url, "_manifest.json")):
+        return None
+    manifest = open_manifest(store, url)
+    prof = profile_dataset(store, url, dataset, version, manifest.rows, 0, columns)
+    save_profile(store, prof, latest=False)
+    return prof
