@@ -129,7 +129,6 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(prefect_api, p
     from prefect import flow
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
     from prefect.client.schemas.sorting import ArtifactSort
-    from prefect.events.filters import EventFilter, EventNameFilter
 
     from flows.monitoring import BREACH_EVENT, monitor_data_task
 
@@ -138,6 +137,18 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(prefect_api, p
     monkeypatch.setenv("CONVEYOR_ALERT_APPRISE", "")
     monkeypatch.delenv("CONVEYOR_STORAGE_OPTIONS", raising=False)
     strict = Thresholds(max_null_rate=0.1)  # pressure, plane_age, seats and engines are sparser than that
+
+    import flows.monitoring
+
+    emitted = []
+    real_emit = flows.monitoring.emit_event
+
+    def recording_emit(*args, **kwargs):  # the real emit_event; keep what it queued for the API
+        event = real_emit(*args, **kwargs)
+        emitted.append(event)
+        return event
+
+    monkeypatch.setattr(flows.monitoring, "emit_event", recording_emit)
 
     @flow
     def check():
@@ -153,8 +164,7 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(prefect_api, p
     [alert] = received
     assert alert["kind"] == "monitor.threshold" and "null_rate:pressure" in alert["details"]["breaches"]
 
-    events = _api(lambda c: c.read_events(filter=EventFilter(event=EventNameFilter(name=[BREACH_EVENT])), limit=50))
-    [event] = events
+    [event] = [e for e in emitted if e is not None and e.event == BREACH_EVENT]
     assert event.resource.id == f"conveyor.dataset.silver_flights.{pipeline_run.cleaned.silver.version}"
     assert {b["check"] for b in event.payload["breaches"]} == set(outcome.breaches)
 
