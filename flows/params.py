@@ -10,17 +10,54 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.deploy import DEFAULT_GUARDS, GateParams
 from tasks.ingest import IngestParams
 from tasks.monitor import Thresholds
+from tasks.families import FAMILIES, ForestParams, LinearParams
+from tasks.search import SearchParams
 from tasks.train import SplitParams, TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = (REPO_ROOT / "data").as_uri()
 
 
-class TrainingOptions(BaseModel):
-    """XGBoost settings (early stopping picks the number of rounds)."""
+_RF = ForestParams()
+_LIN = LinearParams()
+ModelFamily = Literal["gbtree", "random_forest", "linear"]
+assert set(ModelFamily.__args__) == set(FAMILIES)  # type: ignore[attr-defined]
+
+
+class ForestOptions(BaseModel):
+    """Random forest (XGBoost, one round of parallel trees with row and column sampling)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    n_trees: int = Field(_RF.n_trees, ge=1, le=2000, title="Trees")
+    max_depth: int = Field(_RF.max_depth, ge=1, le=20, title="Max tree depth")
+    min_child_weight: float = Field(_RF.min_child_weight, ge=0, title="Min child weight")
+    subsample: float = Field(_RF.subsample, gt=0, lt=1, title="Row sample per tree", description="< 1, or the trees are alike")
+    colsample_bynode: float = Field(_RF.colsample_bynode, gt=0, le=1, title="Column sample per split")
+    max_cat_to_onehot: int = Field(_RF.max_cat_to_onehot, ge=1, title="One-hot categoricals with at most this many values")
+
+
+class LinearOptions(BaseModel):
+    """Logistic regression on one-hot categoricals and standardised numerics (L-BFGS on the cluster)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    l2: float = Field(_LIN.l2, ge=0, le=100, title="L2 penalty")
+    max_iter: int = Field(_LIN.max_iter, ge=1, le=10_000, title="Max L-BFGS iterations")
+    tol: float = Field(_LIN.tol, gt=0, lt=1, title="Gradient tolerance")
+    early_stopping_rounds: int = Field(_LIN.early_stopping_rounds, ge=1, title="Early stopping iterations",
+                                       description="stop when the validation log loss has not improved for this many")
+
+
+class TrainingOptions(BaseModel):
+    """The model family and its settings (early stopping on the validation slice picks the rounds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelFamily = Field(
+        "gbtree", title="Model family",
+        description="gbtree: gradient-boosted trees; random_forest; linear: logistic regression",
+    )
     num_boost_round: int = Field(TrainParams.num_boost_round, ge=1, le=20_000, title="Max boosting rounds")
     learning_rate: float = Field(TrainParams.learning_rate, gt=0, le=1, title="Learning rate")
     max_depth: int = Field(TrainParams.max_depth, ge=1, le=16, title="Max tree depth")
@@ -33,8 +70,37 @@ class TrainingOptions(BaseModel):
         TrainParams.device, title="Device", description="auto: cuda when the Dask workers see a GPU"
     )
 
+    random_forest: ForestOptions = Field(default_factory=ForestOptions, title="Random forest settings")
+    linear: LinearOptions = Field(default_factory=LinearOptions, title="Linear model settings")
+
     def to_params(self) -> TrainParams:
-        return TrainParams(**self.model_dump())
+        values = self.model_dump(exclude={"model", "random_forest", "linear"})
+        return TrainParams(**values, family=self.model, random_forest=ForestParams(**self.random_forest.model_dump()),
+                           linear=LinearParams(**self.linear.model_dump()))
+
+
+class SearchOptions(BaseModel):
+    """Train several candidates in parallel on the cluster and keep the best by a validation metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(SearchParams.budget, ge=1, le=200, title="Candidates", description="how many to train, at most")
+    families: list[ModelFamily] = Field(default_factory=lambda: list(FAMILIES), min_length=1, title="Families to try")
+    metric: Literal["auc", "logloss"] = Field(SearchParams.metric, title="Validation metric that picks the winner")
+    parallelism: int | None = Field(None, ge=1, title="Concurrent candidates",
+                                    description="empty = one per Dask worker (one per GPU on a GPU cluster)")
+    seed: int = Field(SearchParams.seed, title="Search seed")
+
+    @field_validator("families")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"families are listed more than once: {value}")
+        return value
+
+    def to_params(self) -> SearchParams:
+        return SearchParams(budget=self.budget, families=tuple(self.families), metric=self.metric,
+                            parallelism=self.parallelism, seed=self.seed)
 
 
 _THRESHOLDS = Thresholds()
@@ -88,6 +154,10 @@ class PipelineParams(BaseModel):
     train_end: str = Field(SplitParams.train_end, title="Train on flights before", description="ISO date")
     valid_end: str = Field(SplitParams.valid_end, title="Validate on flights before", description="ISO date; later flights are the holdout")
     training: TrainingOptions = Field(default_factory=TrainingOptions, title="Training")
+    search: SearchOptions | None = Field(
+        None, title="Search",
+        description="empty = train the one model above; else try up to budget candidates and keep the best on validation",
+    )
     gate_metric: Literal["roc_auc", "f1", "accuracy"] = Field(GateParams.metric, title="Gate metric")
     gate_tolerance: float = Field(GateParams.tolerance, ge=0, le=0.1, title="Gate tolerance")
     gate_max_calibration_regression: float | None = Field(

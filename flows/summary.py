@@ -38,6 +38,8 @@ class PipelineSummary:
     flow_run_id: str = ""
     reused: list[str] = field(default_factory=list)  # stages whose committed output was found, not recomputed
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str = "gbtree"
+    search: dict[str, Any] = field(default_factory=dict)  # winner, candidates, parallelism, seconds (no leaderboard)
 
     @classmethod
     def build(cls, storage_url: str, ingested: IngestResult, cleaned: CleanResult, trained: TrainResult,
@@ -78,6 +80,9 @@ class PipelineSummary:
             plots=evaluation.plots,
             stage_seconds=seconds,
             flow_run_id=flow_run_id,
+            family=trained.family,
+            search={k: v for k, v in trained.search.items() if k != "leaderboard"} | (
+                {"candidates": len(trained.search["leaderboard"])} if trained.search else {}),
             reused=[stage for stage, result in (("ingest", ingested), ("clean", cleaned), ("train", trained))
                     if result.reused],
         )
@@ -92,7 +97,11 @@ class PipelineSummary:
             ("flights read", f"{flights:,}"),
             ("silver rows", f"{self.datasets['silver_flights']['rows']:,}  (version {self.datasets['silver_flights']['version']})"),
             ("quarantined", f"{self.rows_quarantined:,}  " + "; ".join(f"{k}: {v:,}" for k, v in self.quarantine_reasons.items())),
-            ("model", f"{self.model} {self.model_version}  ({self.device}, {self.best_iteration + 1} trees)"),
+            ("model", f"{self.model} {self.model_version}  ({self.family} on {self.device}, "
+                      f"{self.best_iteration + 1} {'iterations' if self.family == 'linear' else 'rounds'})"),
+            *([("search", f"winner candidate {self.search['winner']} of {self.search['candidates']} "
+                          f"(validation {self.search['metric']}, {self.search['parallelism']} parallel slots, "
+                          f"{self.search['seconds']:.1f} s)")] if self.search else []),
             ("holdout ROC AUC", f"{m['roc_auc']:.4f}  vs baseline {b['roc_auc']:.4f}  (lift {m['roc_auc'] - b['roc_auc']:+.4f})"),
             ("holdout log loss", f"{m['log_loss']:.4f}  vs baseline {b['log_loss']:.4f}"),
             ("holdout F1", f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)"),

@@ -29,11 +29,13 @@ from tasks import clean as clean_stage
 from tasks import deploy as deploy_stage
 from tasks import evaluate as evaluate_stage
 from tasks import ingest as ingest_stage
+from tasks import search as search_stage
 from tasks import train as train_stage
 from tasks.clean import CleanResult
 from tasks.deploy import DeployResult, GateParams, get_alias
 from tasks.evaluate import EvaluationResult
 from tasks.ingest import IngestParams, IngestResult
+from tasks.search import SearchParams
 from tasks.storage import Store
 from tasks.train import SplitParams, TrainParams, TrainResult
 
@@ -84,6 +86,15 @@ def clean_task(address: str, storage_url: str, ingested: IngestResult,
 def train_task(address: str, storage_url: str, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str,
                timeout_seconds: float = POLICIES["train"].timeout_seconds, restart_workers: bool = True) -> TrainResult:
     return run_stage("train", lambda client: train_stage.train(open_store(storage_url), cleaned, client, params, split, model),
+                     address, timeout_seconds, restart_workers)
+
+
+@task(**task_options("train"))
+def search_task(address: str, storage_url: str, cleaned: CleanResult, search: SearchParams, params: TrainParams,
+                split: SplitParams, model: str, timeout_seconds: float = POLICIES["train"].timeout_seconds,
+                restart_workers: bool = True) -> TrainResult:
+    return run_stage("train", lambda client: search_stage.run_search(open_store(storage_url), cleaned, client, search,
+                                                                     params, split, model),
                      address, timeout_seconds, restart_workers)
 
 
@@ -158,10 +169,15 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
                 cleaned.quarantine_reasons)
     data_check = stage("monitor", monitor_data_task, address, url, cleaned, params.model, thresholds, flow_run_id=run_id,
                        restart_workers=owned)
-    trained = stage("train", train_task, address, url, cleaned, params.training.to_params(), split, params.model,
-                    restart_workers=owned)
-    logger.info("train: model %s on %s (%s rounds, valid AUC %.4f)", trained.version, trained.device,
-                trained.best_iteration + 1, trained.valid_auc)
+    if params.search is not None:
+        trained = stage("train", search_task, address, url, cleaned, params.search.to_params(),
+                        params.training.to_params(), split, params.model, restart_workers=owned)
+        _publish_leaderboard(params.model, trained)
+    else:
+        trained = stage("train", train_task, address, url, cleaned, params.training.to_params(), split, params.model,
+                        restart_workers=owned)
+    logger.info("train: %s model %s on %s (%s rounds, valid AUC %.4f)", trained.family, trained.version,
+                trained.device, trained.best_iteration + 1, trained.valid_auc)
     evaluation = stage("evaluate", evaluate_task, address, url, cleaned, trained, split, restart_workers=owned)
     logger.info("evaluate: holdout AUC %.4f vs baseline %.4f", evaluation.metrics.roc_auc, evaluation.baseline.roc_auc)
     model_check = monitor_model_task.submit(trained, evaluation, thresholds, flow_run_id=run_id).result()
@@ -178,6 +194,20 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
         summary.extra["replicas"] = replicas
     _publish_artifacts(summary, evaluation, deployed)
     return summary
+
+
+def _publish_leaderboard(model: str, trained: TrainResult) -> None:
+    from tasks.search import SearchSummary
+
+    record = trained.search
+    summary = SearchSummary.of(record)
+    get_run_logger().info("search: %d candidates in %d parallel slots (%.1f s%s); winner candidate %s (%s, valid %s %.4f)",
+                          len(summary.rows), record["parallelism"], record["seconds"],
+                          ", reused" if trained.reused else "", record["winner"], trained.family, record["metric"],
+                          trained.valid_auc if record["metric"] == "auc" else trained.valid_logloss)
+    create_table_artifact(key=f"{model.replace('_', '-')}-leaderboard", table=summary.rows,
+                          description=f"Search {record['version']}: candidates ranked by validation {record['metric']} "
+                                      "(the holdout is not used to choose)")
 
 
 def _publish_artifacts(summary: PipelineSummary, evaluation: EvaluationResult, deployed: DeployResult) -> None:

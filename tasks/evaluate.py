@@ -16,13 +16,11 @@ from typing import Any
 import dask
 import numpy as np
 import pandas as pd
-import xgboost as xgb
-import xgboost.dask  # noqa: F401
 from sklearn import metrics as skm
 
 from tasks.clean import LABEL, CleanResult
 from tasks.storage import Store, write_bytes_atomic, write_json_atomic
-from tasks.train import SplitParams, TrainResult, categorize, load_booster, load_split
+from tasks.train import SplitParams, TrainResult, categorize, importance, load_booster, load_split, predict_dask
 
 BASELINE_KEYS = ("carrier", "sched_dep_hour")
 BASELINE_PRIOR_WEIGHT = 20.0
@@ -119,8 +117,9 @@ def baseline_predict(table: pd.DataFrame, overall: float, frame: pd.DataFrame) -
     return merged["rate"].fillna(overall).to_numpy(dtype="float64")
 
 
-def predict_frame(client: Any, booster: xgb.Booster, frame: Any, features: list[str]) -> Any:
-    return xgb.dask.inplace_predict(client, booster, frame[features])
+def predict_frame(client: Any, booster: Any, frame: Any, features: list[str]) -> Any:
+    """Probabilities from a booster or a linear model (tasks/families.py) for an encoded dask frame."""
+    return predict_dask(client, booster, frame[features])
 
 
 def _plot_png(draw) -> bytes:
@@ -176,8 +175,25 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
+def render_leaderboard(search: dict[str, Any]) -> str:
+    """The search's candidates by validation score (selection never saw the holdout)."""
+    metric = search.get("metric", "auc")
+    lines = [f"Search: {len(search.get('leaderboard', []))} candidates of budget {search.get('budget')}, "
+             f"picked by validation {metric} (the holdout was not used to choose).", "",
+             "| rank | candidate | family | valid AUC | valid log loss | rounds | seconds | hyperparameters |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(search.get("leaderboard", []), start=1):
+        params = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in row["hyperparameters"].items()
+                           if k not in {"family", "seed"})
+        mark = " (winner)" if row["candidate"] == search.get("winner") else ""
+        lines.append(f"| {i} | {row['candidate']}{mark} | {row['family']} | {_fmt(row['valid_auc'])} | "
+                     f"{_fmt(row['valid_logloss'])} | {row['best_iteration'] + 1} | {row['seconds']:.1f} | {params} |")
+    return "\n".join(lines)
+
+
 def render_report(result_metrics: Metrics, baseline: Metrics, champion: ChampionScore | None, holdout_rows: int,
-                  positive_rate: float, baseline_name: str, plots: dict[str, str]) -> str:
+                  positive_rate: float, baseline_name: str, plots: dict[str, str], family: str = "gbtree",
+                  search: dict[str, Any] | None = None) -> str:
     cols = [("model (challenger)", result_metrics), (baseline_name, baseline)]
     scored = champion is not None and champion.metrics is not None
     if scored:
@@ -185,7 +201,8 @@ def render_report(result_metrics: Metrics, baseline: Metrics, champion: Champion
     names = ["roc_auc", "log_loss", "brier", "calibration_error", "threshold", "accuracy", "precision", "recall", "f1"]
     delta = ["challenger - champion"] if scored else []
     lines = [
-        f"Holdout: {holdout_rows:,} flights, {positive_rate:.1%} arrived more than 15 minutes late.",
+        f"Model family: {family}. Holdout: {holdout_rows:,} flights, {positive_rate:.1%} arrived more than "
+        "15 minutes late.",
         "",
         "| metric | " + " | ".join([*(c for c, _ in cols), *delta]) + " |",
         "|---|" + "---|" * (len(cols) + len(delta)),
@@ -199,6 +216,8 @@ def render_report(result_metrics: Metrics, baseline: Metrics, champion: Champion
     lines += ["", f"ROC AUC lift over the baseline: {lift:+.4f} ({'beats' if lift > 0 else 'does NOT beat'} it)."]
     if champion is not None and champion.note:
         lines += ["", f"Champion: {champion.note}"]
+    if search:
+        lines += ["", render_leaderboard(search)]
     lines += ["", "Plots: " + ", ".join(f"[{k}]({v})" for k, v in plots.items())]
     return "\n".join(lines)
 
@@ -208,8 +227,10 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
              champion_version: str | None = None) -> EvaluationResult:
     features = trained.features
     cols = [*features, LABEL]
-    holdout = load_split(store, cleaned.silver.url, split, "holdout", cols).persist()
-    valid = load_split(store, cleaned.silver.url, split, "valid", cols)
+    # Raw (unencoded) slices, each model encodes them with the categories it was trained with.
+    raw_holdout = load_split(store, cleaned.silver.url, split, "holdout", cols, encode=False).persist()
+    raw_valid = load_split(store, cleaned.silver.url, split, "valid", cols, encode=False).persist()
+    holdout, valid = categorize(raw_holdout, trained.categories), categorize(raw_valid, trained.categories)
     train_frame = load_split(store, cleaned.silver.url, split, "train", [*BASELINE_KEYS, LABEL])
     booster = load_booster(store, trained.model_url)
     booster.set_param({"device": "cpu"} if trained.device == "cpu" else {"device": trained.device})
@@ -236,18 +257,17 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
     curves = {"model": p_hold, "baseline": b_hold}
     champion = None
     if champion_url is not None and champion_version is not None and champion_version != trained.version:
-        champion = _score_champion(store, client, champion_url, champion_version, holdout, valid, y_hold, y_valid, curves)
+        champion = _score_champion(store, client, champion_url, champion_version, raw_holdout, raw_valid, y_hold,
+                                   y_valid, curves)
 
-    gain = booster.get_score(importance_type="total_gain")
-    total = sum(gain.values()) or 1.0
-    importance = {k: v / total for k, v in sorted(gain.items(), key=lambda kv: -kv[1])}
+    shares = importance(booster)
     plot_urls = {}
-    for name, png in _plots(y_hold, curves, importance).items():
+    for name, png in _plots(y_hold, curves, shares).items():
         url = posixpath.join(trained.model_url, f"{name}.png")
         write_bytes_atomic(store, url, png)
         plot_urls[name] = url
     report = render_report(model_metrics, baseline_metrics, champion, len(y_hold), float(y_hold.mean()),
-                           baseline_name, plot_urls)
+                           baseline_name, plot_urls, trained.family, trained.search)
     result = EvaluationResult(
         model_url=trained.model_url,
         holdout_rows=int(len(y_hold)),
@@ -258,7 +278,7 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
         champion=champion,
         plots=plot_urls,
         report_markdown=report,
-        feature_importance=importance,
+        feature_importance=shares,
     )
     write_bytes_atomic(store, posixpath.join(trained.model_url, "report.md"), report.encode())
     write_json_atomic(store, posixpath.join(trained.model_url, METRICS_FILE), asdict(result))

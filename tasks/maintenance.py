@@ -124,7 +124,7 @@ def _expected(store: Store, v: Version) -> dict[str, tuple[int, str | None]]:
     """What the marker promises: relative path -> (size, sha256 or None when only presence is recorded)."""
     if v.kind == "models":
         info = read_json(store, store.url(v.rel, MODEL_MARKER))
-        return {MODEL_FILE: (int(info.get("model_bytes", -1)), info.get("model_sha256"))}
+        return {info.get("model_file", MODEL_FILE): (int(info.get("model_bytes", -1)), info.get("model_sha256"))}
     manifest = Manifest.from_json(read_json(store, store.url(v.rel, MANIFEST)))
     return {f.path: (f.size, f.sha256) for f in manifest.files}
 

@@ -2,7 +2,7 @@
 
 Layout under the store root::
 
-    models/<model>/<version>/model.ubj                 the booster (UBJ, never pickle)
+    models/<model>/<version>/model.ubj                 the booster (UBJ, never pickle; model.json for a linear model)
     models/<model>/<version>/card.json                 written last and never rewritten: the version is registered
     models/<model>/aliases/<alias>.json                pointer (a cache of the newest history event)
     models/<model>/aliases/history/<alias>/<seq>.json  one event per move: who, when, why, from what
@@ -172,8 +172,9 @@ def read_card(store: Store, model: str, version: str) -> dict[str, Any]:
 def register_card(store: Store, model: str, version: str, card: dict[str, Any]) -> str:
     """Register a version by writing its card once; an existing card is kept (versions are immutable)."""
     url = card_url(store, model, version)
-    if not exists(store, posixpath.join(store.model_url(model, version), MODEL_FILE)):
-        raise RegistryError(f"{store.model_url(model, version)}: no {MODEL_FILE}; train the model before registering it")
+    model_file = card.get("model_file", MODEL_FILE)
+    if not exists(store, posixpath.join(store.model_url(model, version), model_file)):
+        raise RegistryError(f"{store.model_url(model, version)}: no {model_file}; train the model before registering it")
     try:
         create_exclusive(store, url, _json_bytes(card))
     except FileExistsError:
@@ -336,7 +337,7 @@ class LoadedModel:
 
     model: str
     version: str
-    booster: Any  # xgboost.Booster
+    booster: Any  # xgboost.Booster, or tasks.families.LinearModel (same inplace_predict)
     card: dict[str, Any]
     features: list[str]
     categories: dict[str, list[str]]
@@ -354,7 +355,7 @@ def load_model(store: Store, model: str, version: str) -> LoadedModel:
     import pandas as pd
     import xgboost as xgb
 
-    from tasks.train import encode
+    from tasks.train import encode, load_raw
 
     base = store.model_url(model, version)
     try:
@@ -365,13 +366,12 @@ def load_model(store: Store, model: str, version: str) -> LoadedModel:
     categories = card.get("categories")
     if not isinstance(features, list) or not features or not isinstance(categories, dict):
         raise ModelLoadError(f"{card_url(store, model, version)}: field 'features' or 'categories' is missing")
-    model_path = posixpath.join(base, MODEL_FILE)
+    model_path = posixpath.join(base, card.get("model_file", MODEL_FILE))
     try:
         with store.fs.open(store.path(model_path), "rb") as fh:
             raw = fh.read()
-        booster = xgb.Booster()
-        booster.load_model(bytearray(raw))
-    except (OSError, xgb.core.XGBoostError) as exc:
+        booster = load_raw(raw, posixpath.basename(model_path))
+    except (OSError, ValueError, TypeError, xgb.core.XGBoostError) as exc:
         raise ModelLoadError(f"{model_path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     booster.set_param({"device": "cpu", "nthread": 1})
     if booster.num_features() != len(features):

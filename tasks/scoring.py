@@ -140,14 +140,13 @@ class ScoringResult:
 _BOOSTERS: dict[str, Any] = {}
 
 
-def _worker_booster(version: str, raw: bytes) -> Any:
-    """One booster per model version per worker process, not one per partition."""
-    import xgboost as xgb
+def _worker_booster(version: str, raw: bytes, model_file: str = "model.ubj") -> Any:
+    """One model per model version per worker process, not one per partition."""
+    from tasks.train import load_raw
 
     booster = _BOOSTERS.get(version)
     if booster is None:
-        booster = xgb.Booster()
-        booster.load_model(bytearray(raw))
+        booster = load_raw(raw, model_file)
         booster.set_param({"device": "cpu", "nthread": 1})
         _BOOSTERS.clear()
         _BOOSTERS[version] = booster
@@ -155,10 +154,11 @@ def _worker_booster(version: str, raw: bytes) -> Any:
 
 
 def _score_part(part: pd.DataFrame, raw: bytes, version: str, features: list[str],
-                categories: dict[str, list[str]], threshold: float, keep: list[str]) -> pd.DataFrame:
+                categories: dict[str, list[str]], threshold: float, keep: list[str],
+                model_file: str = "model.ubj") -> pd.DataFrame:
     out = part[keep].reset_index(drop=True)
     if len(part):
-        p = _worker_booster(version, raw).inplace_predict(encode_known(part[features], categories)[features])
+        p = _worker_booster(version, raw, model_file).inplace_predict(encode_known(part[features], categories)[features])
         p = np.asarray(p, dtype="float64")
     else:
         p = np.zeros(0, dtype="float64")
@@ -204,13 +204,14 @@ def score_dataset(store: Store, client: Any, input_url: str, model: str, version
     if done is not None:
         return _result(store, done, model, loaded.version, input_url, reused=True)
 
-    with store.fs.open(store.path(posixpath.join(store.model_url(model, loaded.version), "model.ubj")), "rb") as fh:
+    model_file = loaded.card.get("model_file", "model.ubj")
+    with store.fs.open(store.path(posixpath.join(store.model_url(model, loaded.version), model_file)), "rb") as fh:
         raw = fh.read()
     [raw_future] = client.scatter([raw], broadcast=True, hash=False)
     frame = read_dataset(store, input_url, columns=list(dict.fromkeys([*keep, *loaded.features])))
     meta = _score_part(frame._meta, b"", loaded.version, loaded.features, loaded.categories, loaded.threshold, keep)
     scored = frame.map_partitions(_score_part, raw_future, loaded.version, loaded.features, loaded.categories,
-                                  loaded.threshold, keep, meta=meta)
+                                  loaded.threshold, keep, model_file, meta=meta)
     clear_version(store, out_url)
     dask.compute(scored.to_parquet(out_url, write_index=False, storage_options=store.options, compute=False,
                                    write_metadata_file=False, name_function=lambda i: f"part-{i:05d}.parquet"))
@@ -251,11 +252,10 @@ def monitor_check(store: Store, client: Any, model: str, data_url: str | None = 
     the artifact still reproduces its card, e.g. after a storage or code change).
     """
     import dask
-    import xgboost.dask  # noqa: F401
     from sklearn.metrics import roc_auc_score
 
     from tasks.clean import LABEL
-    from tasks.train import SplitParams, load_split
+    from tasks.train import SplitParams, load_split, predict_dask
 
     loaded = _resolve(store, model, None, alias)
     card = loaded.card
@@ -270,7 +270,7 @@ def monitor_check(store: Store, client: Any, model: str, data_url: str | None = 
             raise StorageError(f"{data_url}: field(s) {missing} needed to monitor {model} {loaded.version} are missing")
         frame = categorize_known(read_dataset(store, data_url, columns=[*loaded.features, LABEL]), loaded.categories)
     frame = frame[frame[LABEL].notnull()]
-    p, y = dask.compute(xgboost.dask.inplace_predict(client, loaded.booster, frame[loaded.features]), frame[LABEL])
+    p, y = dask.compute(predict_dask(client, loaded.booster, frame[loaded.features]), frame[LABEL])
     p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=int)
     card_auc = float(card["metrics"]["roc_auc"])
     if len(y) < min_rows or len(np.unique(y)) < 2:

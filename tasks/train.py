@@ -1,7 +1,11 @@
-"""Train: XGBoost on the Dask cluster (``xgboost.dask``), time-based split, early stopping.
+"""Train: one model family on the Dask cluster, time-based split, early stopping on the validation slice.
 
-The model is written as UBJ (never pickle) under ``models/<model>/<version>/``
-with ``train.json`` beside it; the version is not trusted (not in the
+Families (``TrainParams.family``): ``gbtree`` (boosted trees) and
+``random_forest`` with ``xgboost.dask``; ``linear`` (logistic regression, see
+tasks/families.py) by L-BFGS map-reduce over the same partitions.
+
+The model is written (XGBoost UBJ for trees, JSON weights for the linear
+model; never pickle) under ``models/<model>/<version>/`` with ``train.json`` beside it; the version is not trusted (not in the
 registry) until deploy writes its ``card.json``.
 """
 
@@ -21,6 +25,7 @@ import xgboost as xgb
 import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
 
 from tasks.clean import CATEGORICAL, LABEL, TIME_KEY, CleanResult
+from tasks.families import FAMILIES, LINEAR_FILE, Family, ForestParams, LinearModel, LinearParams, fit_linear
 from tasks.storage import Store, code_version, content_version, exists, open_manifest, read_dataset, read_json, write_bytes_atomic, write_json_atomic
 
 MODEL_FILE = "model.ubj"
@@ -37,6 +42,13 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """One training: the family, its hyperparameters, the seed and the device.
+
+    The flat fields are the boosted trees' (``gbtree``); ``random_forest`` and
+    ``linear`` carry their own. Only the chosen family's settings enter the
+    model version, so tuning the forest never invalidates a boosted model.
+    """
+
     num_boost_round: int = 400
     learning_rate: float = 0.1
     max_depth: int = 8
@@ -47,6 +59,27 @@ class TrainParams:
     early_stopping_rounds: int = 25
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    family: Family = "gbtree"
+    random_forest: ForestParams = field(default_factory=ForestParams)
+    linear: LinearParams = field(default_factory=LinearParams)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {self.family!r}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The chosen family's settings (what the model version and the leaderboard record)."""
+        if self.family == "random_forest":
+            return asdict(self.random_forest)
+        if self.family == "linear":
+            return asdict(self.linear)
+        flat = asdict(self)
+        return {k: flat[k] for k in ("num_boost_round", "learning_rate", "max_depth", "min_child_weight", "subsample",
+                                     "colsample_bytree", "max_cat_to_onehot", "early_stopping_rounds")}
+
+    def identity(self) -> dict[str, Any]:
+        """What the model version hashes: family, its settings and the seed (not the device)."""
+        return {"family": self.family, "seed": self.seed, **self.hyperparameters()}
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,10 @@ class TrainResult:
     model_bytes: int = -1
     model_sha256: str = ""
     reused: bool = False  # found committed from an earlier run, not retrained
+    family: str = "gbtree"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    model_file: str = MODEL_FILE  # model.ubj (XGBoost) or model.json (linear)
+    search: dict[str, Any] = field(default_factory=dict)  # set when a search picked this model (tasks/search.py)
 
 
 def gpu_count() -> int:
@@ -99,7 +136,7 @@ def encode(frame: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFram
     """
     out = frame.copy()
     for col in CATEGORICAL:
-        if col in out.columns:
+        if col in out.columns and col in categories:
             values = out[col].astype("string")
             values = values.where(values.isin(categories[col]))  # unseen -> NA, as before
             codes = pd.Categorical(values, categories=categories[col]).codes
@@ -138,100 +175,232 @@ def feature_types(features: list[str]) -> list[str]:
 
 
 def load_split(store: Store, silver_url: str, split: SplitParams, part: Literal["train", "valid", "holdout"],
-               columns: list[str]) -> dd.DataFrame:
+               columns: list[str], encode: bool = True) -> dd.DataFrame:
+    """One time slice of the silver data; categoricals encoded with the dataset's categories unless ``encode=False``."""
     manifest = open_manifest(store, silver_url)
     frame = read_dataset(store, silver_url, columns=[TIME_KEY, *columns])
     t_end = pd.Timestamp(split.train_end, tz="UTC")
     v_end = pd.Timestamp(split.valid_end, tz="UTC")
     when = frame[TIME_KEY]
     mask = {"train": when < t_end, "valid": (when >= t_end) & (when < v_end), "holdout": when >= v_end}[part]
-    return categorize(frame[mask][columns], manifest.extra["categories"])
+    frame = frame[mask][columns]
+    return categorize(frame, manifest.extra["categories"]) if encode else frame
 
 
 def xgb_params(params: TrainParams, device: str) -> dict[str, Any]:
-    return {
-        "objective": "binary:logistic",
-        "eval_metric": ["logloss", "auc"],
-        "tree_method": "hist",
-        "device": device,
+    common = {"objective": "binary:logistic", "eval_metric": ["logloss", "auc"], "tree_method": "hist",
+              "device": device, "seed": params.seed}
+    if params.family == "random_forest":
+        rf = params.random_forest
+        return common | {
+            "num_parallel_tree": rf.n_trees,
+            "learning_rate": 1.0,  # one round of averaged trees: no shrinkage
+            "max_depth": rf.max_depth,
+            "min_child_weight": rf.min_child_weight,
+            "subsample": rf.subsample,
+            "colsample_bynode": rf.colsample_bynode,
+            "max_cat_to_onehot": rf.max_cat_to_onehot,
+        }
+    if params.family != "gbtree":
+        raise ValueError(f"{params.family} is not an XGBoost booster family")
+    return common | {
         "learning_rate": params.learning_rate,
         "max_depth": params.max_depth,
         "min_child_weight": params.min_child_weight,
         "subsample": params.subsample,
         "colsample_bytree": params.colsample_bytree,
         "max_cat_to_onehot": params.max_cat_to_onehot,
-        "seed": params.seed,
     }
 
 
-def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams = TrainParams(),
-          split: SplitParams = SplitParams(), model: str = "flights_late") -> TrainResult:
-    device = params.device
-    if device == "auto":
-        device = "cuda" if workers_have_gpus(client) else "cpu"
-    # The device is not part of the version: the same data and params give the same model family.
-    version = content_version("train", cleaned.silver.version, asdict(params) | {"device": None}, asdict(split), code_version("train"))
-    model_url = store.model_url(model, version)
-    info_url = posixpath.join(model_url, TRAIN_INFO)
-    if exists(store, info_url) and exists(store, posixpath.join(model_url, MODEL_FILE)):
-        return dataclasses.replace(train_info(store, model_url), reused=True)
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted model before it is written: what train() and each search candidate produce."""
 
-    started = time.perf_counter()
-    features = cleaned.features
-    frames = {p: spread(client, load_split(store, cleaned.silver.url, split, p, [*features, LABEL])) for p in ("train", "valid")}
-    rows = {p: int(f.shape[0].compute()) for p, f in frames.items()}
-    for p, n in rows.items():
-        if n == 0:
-            raise ValueError(f"{cleaned.silver.url}: the {p} slice of the time split {split} is empty")
+    model: Any  # xgboost.Booster or LinearModel
+    raw: bytes
+    model_file: str
+    best_iteration: int
+    valid_logloss: float
+    valid_auc: float
+    settings: dict[str, Any]  # the booster params, or the linear model's
+
+
+def resolve_device(client: Any, device: str) -> str:
+    if device == "auto":
+        return "cuda" if workers_have_gpus(client) else "cpu"
+    return device
+
+
+def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categories: dict[str, list[str]],
+        params: TrainParams, device: str, workers: list[str] | None = None) -> Fitted:
+    """Fit ``params.family`` on the train frame, stopping early on the valid frame.
+
+    Trees train with ``xgboost.dask`` on the workers that hold the partitions
+    (all of them after :func:`spread`, one after :func:`place`); the linear
+    model's map-reduce runs where its partitions are, restricted to ``workers``.
+    """
+    if params.family == "linear":
+        return _fit_linear(client, frames, features, categories, params, workers)
     types = feature_types(features)
     dtrain = xgb.dask.DaskQuantileDMatrix(client, frames["train"][features], frames["train"][LABEL],
                                           feature_types=types, enable_categorical=True)
     dvalid = xgb.dask.DaskQuantileDMatrix(client, frames["valid"][features], frames["valid"][LABEL],
                                           feature_types=types, enable_categorical=True, ref=dtrain)
     booster_params = xgb_params(params, device)
+    forest = params.family == "random_forest"
     output = xgb.dask.train(
         client,
         booster_params,
         dtrain,
-        num_boost_round=params.num_boost_round,
+        num_boost_round=1 if forest else params.num_boost_round,
         evals=[(dvalid, "valid")],
-        early_stopping_rounds=params.early_stopping_rounds,
+        early_stopping_rounds=None if forest else params.early_stopping_rounds,
         verbose_eval=False,
     )
     booster: xgb.Booster = output["booster"]
     history = output["history"]["valid"]
-    best = int(booster.best_iteration)
-    raw = bytes(booster.save_raw(raw_format="ubj"))
-    write_bytes_atomic(store, posixpath.join(model_url, MODEL_FILE), raw)
+    best = 0 if forest else int(booster.best_iteration)
+    if not forest:  # keep only the rounds up to the best one: what is saved is what was validated
+        booster = booster[: best + 1]
+    return Fitted(booster, bytes(booster.save_raw(raw_format="ubj")), MODEL_FILE, best,
+                  float(history["logloss"][best]), float(history["auc"][best]), booster_params)
+
+
+def _fit_linear(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categories: dict[str, list[str]],
+                params: TrainParams, workers: list[str] | None) -> Fitted:
+    from sklearn.metrics import roc_auc_score
+
+    parts = {p: client.compute(f[[*features, LABEL]].to_delayed(), **({"workers": workers} if workers else {}))
+             for p, f in frames.items()}
+    try:
+        result = fit_linear(client, parts["train"], parts["valid"], features, [c for c in CATEGORICAL if c in features],
+                            {c: len(categories[c]) for c in CATEGORICAL if c in features}, LABEL, params.linear, workers)
+        scored = client.gather([client.submit(lambda part, m: (m.inplace_predict(part), part[LABEL].to_numpy()), p,
+                                              result.model, pure=False) for p in parts["valid"]])
+    finally:
+        for futures in parts.values():
+            for f in futures:
+                f.release()
+    p_valid = np.concatenate([s[0] for s in scored])
+    y_valid = np.concatenate([s[1] for s in scored]).astype(int)
+    auc = float(roc_auc_score(y_valid, p_valid)) if len(np.unique(y_valid)) == 2 else float("nan")
+    return Fitted(result.model, result.model.to_bytes(), LINEAR_FILE, result.best_iteration, result.valid_logloss,
+                  auc, asdict(params.linear) | {"iterations": result.iterations})
+
+
+def model_version(cleaned: CleanResult, params: TrainParams, split: SplitParams) -> str:
+    # The device is not part of the version: the same data and params give the same model.
+    return content_version("train", cleaned.silver.version, params.identity(), asdict(split), code_version("train"))
+
+
+def load_frames(store: Store, client: Any, cleaned: CleanResult, split: SplitParams,
+                place_on: str | None = None) -> tuple[dict[str, dd.DataFrame], dict[str, int]]:
+    """Train and valid slices, persisted: spread over every worker, or all on ``place_on``."""
+    frames = {}
+    for p in ("train", "valid"):
+        frame = load_split(store, cleaned.silver.url, split, p, [*cleaned.features, LABEL])
+        frames[p] = place(client, frame, place_on) if place_on else spread(client, frame)
+    rows = {p: int(f.shape[0].compute()) for p, f in frames.items()}
+    for p, n in rows.items():
+        if n == 0:
+            raise ValueError(f"{cleaned.silver.url}: the {p} slice of the time split {split} is empty")
+    return frames, rows
+
+
+def place(client: Any, frame: dd.DataFrame, worker: str) -> dd.DataFrame:
+    """Persist every non-empty partition of ``frame`` on one worker (a search slot)."""
+    placed = [client.compute(part, workers=[worker]) for part in frame.to_delayed()]
+    lengths = client.gather([client.submit(len, f, workers=[worker], pure=False) for f in placed])
+    kept = [f for f, n in zip(placed, lengths) if n] or placed[:1]
+    return dd.from_delayed(kept, meta=frame._meta, verify_meta=False)
+
+
+def write_model(store: Store, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str, device: str,
+                fitted: Fitted, rows: dict[str, int], seconds: float, search: dict[str, Any] | None = None) -> TrainResult:
+    """Commit a fitted model: the artifact first, ``train.json`` last (it marks the version complete)."""
+    version = model_version(cleaned, params, split)
+    model_url = store.model_url(model, version)
+    write_bytes_atomic(store, posixpath.join(model_url, fitted.model_file), fitted.raw)
     result = TrainResult(
         model=model,
         version=version,
         model_url=model_url,
-        best_iteration=best,
-        valid_logloss=float(history["logloss"][best]),
-        valid_auc=float(history["auc"][best]),
+        best_iteration=fitted.best_iteration,
+        valid_logloss=fitted.valid_logloss,
+        valid_auc=fitted.valid_auc,
         train_rows=rows["train"],
         valid_rows=rows["valid"],
         device=device,
-        features=list(features),
+        features=list(cleaned.features),
         categories=cleaned.categories,
-        seconds=round(time.perf_counter() - started, 3),
-        xgb_params=booster_params,
+        seconds=round(seconds, 3),
+        xgb_params=fitted.settings,
         split=asdict(split),
         silver_version=cleaned.silver.version,
-        model_bytes=len(raw),
-        model_sha256=hashlib.sha256(raw).hexdigest(),
+        model_bytes=len(fitted.raw),
+        model_sha256=hashlib.sha256(fitted.raw).hexdigest(),
+        family=params.family,
+        hyperparameters=params.identity(),
+        model_file=fitted.model_file,
+        search=search or {},
     )
-    write_json_atomic(store, info_url, asdict(result))  # last: marks the training as finished
+    write_json_atomic(store, posixpath.join(model_url, TRAIN_INFO), asdict(result))
     return result
 
 
-def load_booster(store: Store, model_url: str) -> xgb.Booster:
-    with store.fs.open(store.path(posixpath.join(model_url, MODEL_FILE)), "rb") as fh:
-        raw = fh.read()
+def committed_model(store: Store, model_url: str) -> TrainResult | None:
+    """The finished training at ``model_url``, or None (missing or half-written)."""
+    info_url = posixpath.join(model_url, TRAIN_INFO)
+    if not exists(store, info_url):
+        return None
+    info = train_info(store, model_url)
+    return info if exists(store, posixpath.join(model_url, info.model_file)) else None
+
+
+def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams = TrainParams(),
+          split: SplitParams = SplitParams(), model: str = "flights_late") -> TrainResult:
+    device = resolve_device(client, params.device)
+    done = committed_model(store, store.model_url(model, model_version(cleaned, params, split)))
+    if done is not None:
+        return dataclasses.replace(done, reused=True)
+    started = time.perf_counter()
+    frames, rows = load_frames(store, client, cleaned, split)
+    fitted = fit(client, frames, cleaned.features, cleaned.categories, params, device)
+    return write_model(store, cleaned, params, split, model, device, fitted, rows, time.perf_counter() - started)
+
+
+def load_raw(raw: bytes, model_file: str = MODEL_FILE) -> Any:
+    """A model from its artifact bytes: an ``xgboost.Booster`` (UBJ) or a :class:`LinearModel` (JSON)."""
+    if model_file == LINEAR_FILE:
+        return LinearModel.from_bytes(raw)
     booster = xgb.Booster()
     booster.load_model(bytearray(raw))
     return booster
+
+
+def load_booster(store: Store, model_url: str) -> Any:
+    """The model at ``model_url`` (its artifact named in train.json; model.ubj for older versions)."""
+    info_url = posixpath.join(model_url, TRAIN_INFO)
+    model_file = read_json(store, info_url).get("model_file", MODEL_FILE) if exists(store, info_url) else MODEL_FILE
+    with store.fs.open(store.path(posixpath.join(model_url, model_file)), "rb") as fh:
+        raw = fh.read()
+    return load_raw(raw, model_file)
+
+
+def predict_dask(client: Any, model: Any, frame: dd.DataFrame) -> dd.Series:
+    """Probabilities for an encoded dask frame of the model's features, partition by partition."""
+    if isinstance(model, xgb.Booster):
+        return xgb.dask.inplace_predict(client, model, frame)
+    return frame.map_partitions(lambda part, m: pd.Series(m.inplace_predict(part), index=part.index, dtype="float64"),
+                                model, meta=pd.Series(dtype="float64"))
+
+
+def importance(model: Any) -> dict[str, float]:
+    """Share of importance per feature: total gain for trees, |standardised weight| for the linear model."""
+    raw = model.importance() if isinstance(model, LinearModel) else model.get_score(importance_type="total_gain")
+    total = sum(raw.values()) or 1.0
+    return {k: v / total for k, v in sorted(raw.items(), key=lambda kv: -kv[1])}
 
 
 def train_info(store: Store, model_url: str) -> TrainResult:

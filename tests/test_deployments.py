@@ -60,4 +60,8 @@ def test_the_run_form_is_generated_from_the_params_model() -> None:
     assert "params" in schema["properties"]
     definitions = schema.get("definitions", {})
     fields = definitions["PipelineParams"]["properties"]
-    assert {"storage_url", "cluster", "max_rows", "training", "gate_metric"} <= set(fields)
+    assert {"storage_url", "cluster", "max_rows", "training", "gate_metric", "search"} <= set(fields)
+    family = definitions["TrainingOptions"]["properties"]["model"]
+    assert family["enum"] == ["gbtree", "random_forest", "linear"] and family["default"] == "gbtree"
+    search = definitions["SearchOptions"]["properties"]
+    assert search["budget"]["minimum"] == 1 and search["families"]["items"]["enum"] == family["enum"]

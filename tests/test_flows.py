@@ -49,6 +49,47 @@ def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
     assert all(r.state.is_completed() and r.run_count == 1 for r in runs)
 
 
+@pytest.mark.parametrize("family", ["random_forest", "linear"])
+def test_each_family_runs_through_the_flagship_flow(prefect_api, tmp_path, family) -> None:
+    from flows.training import training
+
+    params = PipelineParams(storage_url=(tmp_path / "store").as_uri(), max_rows=30_000, cluster="cpu", n_workers=2,
+                            training={"model": family, "random_forest": {"n_trees": 30}, "linear": {"max_iter": 60}})
+    state = training(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.family == family and summary.promoted  # first model: the gate checks the baseline only
+    assert summary.metrics["roc_auc"] > summary.baseline_metrics["roc_auc"]
+
+
+def test_a_search_picks_a_winner_that_goes_through_the_gate(prefect_api, tmp_path) -> None:
+    from flows.training import training
+    from tasks.registry import read_card
+
+    store_url = (tmp_path / "store").as_uri()
+    common = dict(storage_url=store_url, max_rows=30_000, cluster="cpu", n_workers=2,
+                  training={"num_boost_round": 60, "random_forest": {"n_trees": 20}, "linear": {"max_iter": 40}})
+    # A weaker champion first (a linear model), so the search's winner has to pass a real comparison.
+    weak = training(PipelineParams(**common | {"training": common["training"] | {"model": "linear"}}),
+                    return_state=True)
+    assert weak.is_completed() and weak.result().promoted
+    state = training(PipelineParams(**common, search={"budget": 4, "seed": 3}), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.search["candidates"] == 4 and summary.search["parallelism"] == 2
+    assert summary.champion_before == weak.result().model_version
+    assert summary.champion_metrics is not None and summary.promoted, summary.gate_reason
+    from tasks.storage import Store
+
+    card = read_card(Store.from_url(store_url), summary.model, summary.model_version)
+    board = card["lineage"]["search"]["leaderboard"]
+    assert len(board) == 4 and board[0]["version"] == summary.model_version and card["family"] == summary.family
+    report = (tmp_path / "store" / "models" / summary.model / summary.model_version / "report.md").read_text()
+    assert "Search: 4 candidates" in report and "baseline" in report
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.name.split("-")[0] for r in runs if r.name.startswith("train")] == ["train"]
+
+
 def test_bad_input_fails_fast_with_the_field_named(prefect_api, tmp_path, small_source) -> None:
     from flows.training import training
 

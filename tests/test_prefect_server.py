@@ -63,6 +63,9 @@ def test_every_deployment_registers_with_schedule_pool_and_form(server) -> None:
     assert fields["storage_url"]["title"] == "Storage root URL" and fields["storage_url"]["description"]
     cluster_choices = [c.get("enum") for c in fields["cluster"].get("anyOf", [fields["cluster"]]) if c.get("enum")]
     assert cluster_choices and set(cluster_choices[0]) == {"auto", "cpu", "gpu"}
+    training_form = form["definitions"]["TrainingOptions"]["properties"]
+    assert set(training_form["model"]["enum"]) == {"gbtree", "random_forest", "linear"}  # the family dropdown
+    assert {"random_forest", "linear"} <= set(training_form) and "SearchOptions" in form["definitions"]
     assert deployments["on-demand"].global_concurrency_limit.limit == 1
     assert str(deployments["on-demand"].concurrency_options.collision_strategy.value) == "CANCEL_NEW"
     assert str(deployments["nightly"].concurrency_options.collision_strategy.value) == "ENQUEUE"

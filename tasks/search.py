@@ -1,0 +1,230 @@
+"""Hyperparameter search over model families on the flow's Dask cluster, one candidate per free slot.
+
+A slot is one Dask worker (on a GPU cluster: one GPU). Each slot holds its own
+copy of the train and valid slices and trains one candidate at a time with
+the same :func:`tasks.train.fit` as a plain training, so a search never puts
+two trainings on one worker and never oversubscribes a GPU. Candidates are
+drawn up front from a seeded generator (each family's defaults first, then
+random draws), so a rerun with the same inputs and seed trains the same
+candidates and picks the same winner; selection reads only validation
+metrics, ties going to the earlier candidate. The winner is committed as an
+ordinary model version (the version its parameters would get from a plain
+training) and the search record is written last, under
+``searches/<model>/<version>/search.json``, so a rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import posixpath
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from tasks.clean import CleanResult
+from tasks.families import FAMILIES, ForestParams, LinearParams
+from tasks.storage import Store, code_version, content_version, exists, read_json, write_json_atomic
+from tasks.train import (
+    Fitted,
+    SplitParams,
+    TrainParams,
+    TrainResult,
+    committed_model,
+    fit,
+    load_frames,
+    model_version,
+    resolve_device,
+    write_model,
+)
+
+SEARCH_FILE = "search.json"
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    budget: int = 6  # candidates trained, at most
+    families: tuple[str, ...] = FAMILIES
+    metric: Literal["auc", "logloss"] = "auc"  # validation metric that picks the winner
+    parallelism: int | None = None  # concurrent candidates; None = one per worker (GPU)
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"search budget must be >= 1, not {self.budget}")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"search families must be a non-empty subset of {', '.join(FAMILIES)}, not {list(self.families)}")
+        if self.parallelism is not None and self.parallelism < 1:
+            raise ValueError(f"search parallelism must be >= 1, not {self.parallelism}")
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def sample(rng: np.random.Generator, family: str, base: TrainParams) -> TrainParams:
+    """One random draw from ``family``'s search space (around sensible ranges for tabular data)."""
+    if family == "gbtree":
+        return dataclasses.replace(
+            base, family="gbtree",
+            learning_rate=round(_log_uniform(rng, 0.02, 0.3), 4),
+            max_depth=int(rng.integers(3, 11)),
+            min_child_weight=round(_log_uniform(rng, 0.5, 50.0), 3),
+            subsample=round(float(rng.uniform(0.5, 1.0)), 3),
+            colsample_bytree=round(float(rng.uniform(0.4, 1.0)), 3),
+        )
+    if family == "random_forest":
+        rf = ForestParams(n_trees=int(rng.choice([50, 100, 200])), max_depth=int(rng.integers(6, 15)),
+                          min_child_weight=round(_log_uniform(rng, 1.0, 50.0), 3),
+                          subsample=round(float(rng.uniform(0.4, 0.9)), 3),
+                          colsample_bynode=round(float(rng.uniform(0.3, 0.9)), 3))
+        return dataclasses.replace(base, family="random_forest", random_forest=rf)
+    lin = dataclasses.replace(base.linear, l2=float(f"{_log_uniform(rng, 1e-6, 1e-1):.3g}"))
+    return dataclasses.replace(base, family="linear", linear=lin)
+
+
+def candidates(search: SearchParams, base: TrainParams) -> list[TrainParams]:
+    """The search's candidates, in order: each family's defaults (from ``base``), then seeded random draws."""
+    rng = np.random.default_rng(search.seed)
+    out = [dataclasses.replace(base, family=f) for f in search.families][: search.budget]
+    i = 0
+    while len(out) < search.budget:
+        family = search.families[i % len(search.families)]
+        draw = sample(rng, family, base)
+        if all(draw.identity() != c.identity() for c in out):
+            out.append(draw)
+        i += 1
+        if i > 100 * search.budget:  # a space too small to fill the budget with distinct candidates
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    candidate: int
+    family: str
+    hyperparameters: dict[str, Any]
+    valid_auc: float
+    valid_logloss: float
+    best_iteration: int
+    seconds: float
+    slot: str
+    version: str  # the model version these parameters map to
+
+
+def _score(c: Candidate, metric: str) -> float:
+    value = c.valid_auc if metric == "auc" else -c.valid_logloss
+    return value if math.isfinite(value) else -math.inf
+
+
+def rank(board: list[Candidate], metric: str) -> list[Candidate]:
+    """Best first by the validation metric; ties go to the earlier candidate (deterministic)."""
+    return sorted(board, key=lambda c: (-_score(c, metric), c.candidate))
+
+
+def search_version(cleaned: CleanResult, search: SearchParams, base: TrainParams, split: SplitParams) -> str:
+    return content_version("search", cleaned.silver.version, asdict(search), base.identity(),
+                           asdict(base.random_forest), asdict(base.linear), asdict(split), code_version("train", "search"))
+
+
+def search_url(store: Store, model: str, version: str) -> str:
+    return posixpath.join(store.root, "searches", model, version, SEARCH_FILE)
+
+
+def slots(client: Any) -> list[str]:
+    """One slot per worker: on a dask-cuda cluster each worker owns one GPU."""
+    return sorted(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def run_search(store: Store, cleaned: CleanResult, client: Any, search: SearchParams, base: TrainParams = TrainParams(),
+               split: SplitParams = SplitParams(), model: str = "flights_late") -> TrainResult:
+    """Train up to ``search.budget`` candidates in parallel slots and commit the best as a model version."""
+    version = search_version(cleaned, search, base, split)
+    record_url = search_url(store, model, version)
+    if exists(store, record_url):
+        record = read_json(store, record_url)
+        done = committed_model(store, store.model_url(model, record["winner_version"]))
+        if done is not None:
+            return dataclasses.replace(done, reused=True, search=record)
+
+    started = time.perf_counter()
+    device = resolve_device(client, base.device)
+    todo = candidates(search, base)
+    workers = slots(client)
+    width = min(len(workers), search.parallelism or len(workers), len(todo))
+    workers = workers[:width]
+    # Each slot gets its own copy of the data, so a candidate trains where its data is.
+    placed = {w: load_frames(store, client, cleaned, split, place_on=w) for w in workers}
+    rows = placed[workers[0]][1]
+    free: list[str] = list(workers)
+    lock = threading.Condition()
+    fitted: dict[int, Fitted] = {}
+
+    def run(i: int, params: TrainParams) -> Candidate:
+        with lock:
+            lock.wait_for(lambda: bool(free))
+            slot = free.pop(0)
+        try:
+            t0 = time.perf_counter()
+            result = fit(client, placed[slot][0], cleaned.features, cleaned.categories, params, device, workers=[slot])
+            seconds = time.perf_counter() - t0
+        finally:
+            with lock:
+                free.append(slot)
+                lock.notify()
+        fitted[i] = result
+        return Candidate(i, params.family, params.identity(), result.valid_auc, result.valid_logloss,
+                         result.best_iteration, round(seconds, 3), slot, model_version(cleaned, params, split))
+
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="conveyor-search") as pool:
+        board = list(pool.map(lambda ip: run(*ip), enumerate(todo)))
+    placed.clear()  # drop the slot copies: their futures are released on the workers
+    ranked = rank(board, search.metric)
+    best = ranked[0]
+    record = {
+        "version": version,
+        "budget": search.budget,
+        "families": list(search.families),
+        "metric": search.metric,
+        "seed": search.seed,
+        "parallelism": width,
+        "device": device,
+        "seconds": round(time.perf_counter() - started, 3),
+        "winner": best.candidate,
+        "winner_version": best.version,
+        "leaderboard": [asdict(c) for c in ranked],
+        "url": record_url,
+    }
+    winner = todo[best.candidate]
+    trained = committed_model(store, store.model_url(model, best.version))
+    if trained is None:
+        trained = write_model(store, cleaned, winner, split, model, device, fitted[best.candidate], rows,
+                              best.seconds, search=record)
+    else:
+        trained = dataclasses.replace(trained, search=record)
+    write_json_atomic(store, record_url, record)  # last: the search is complete
+    return trained
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What the flow logs and publishes as a table artifact."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> "SearchSummary":
+        out = []
+        for rank_, c in enumerate(record.get("leaderboard", []), start=1):
+            params = {k: v for k, v in c["hyperparameters"].items() if k not in {"family", "seed"}}
+            out.append({"rank": rank_, "candidate": c["candidate"], "family": c["family"],
+                        "valid_auc": round(c["valid_auc"], 5), "valid_logloss": round(c["valid_logloss"], 5),
+                        "rounds": c["best_iteration"] + 1, "seconds": c["seconds"], "slot": c["slot"],
+                        "winner": c["candidate"] == record.get("winner"),
+                        "hyperparameters": ", ".join(f"{k}={v}" for k, v in params.items())})
+        return cls(out)
