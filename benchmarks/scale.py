@@ -51,22 +51,26 @@ class PeakRss:
         self._thread.join()
 
 
-def run_stages(store, client, source_url: str) -> dict[str, float]:
+def run_stages(store, client, source_url: str, rows: int = 0, rss: "PeakRss | None" = None) -> dict[str, float]:
+    """The four stages directly on ``client``; each stage's figures are printed as soon as it ends."""
     from tasks import clean, evaluate, ingest, train
 
-    seconds = {}
-    t = time.perf_counter()
-    ingested = ingest.ingest(store, client, source_url)
-    seconds["ingest"] = time.perf_counter() - t
-    t = time.perf_counter()
-    cleaned = clean.clean(store, ingested, client)
-    seconds["clean"] = time.perf_counter() - t
-    t = time.perf_counter()
-    trained = train.train(store, cleaned, client)
-    seconds["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    evaluation = evaluate.evaluate(store, cleaned, trained, client)
-    seconds["evaluate"] = time.perf_counter() - t
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        seconds[stage] = time.perf_counter() - t
+        progress = {"rows": rows, "stage": stage, "seconds": round(seconds[stage], 1),
+                    "rows_per_s": round(rows / seconds[stage]) if rows else None,
+                    "peak_rss_gib_so_far": round(rss.peak / 2**30, 2) if rss else None}
+        print(json.dumps(progress), flush=True)
+        return result
+
+    ingested = timed("ingest", ingest.ingest, store, client, source_url)
+    cleaned = timed("clean", clean.clean, store, ingested, client)
+    trained = timed("train", train.train, store, cleaned, client)
+    evaluation = timed("evaluate", evaluate.evaluate, store, cleaned, trained, client)
     seconds["holdout_auc"] = evaluation.metrics.roc_auc
     seconds["quarantined"] = cleaned.quarantine.rows
     return seconds
@@ -101,7 +105,7 @@ def main() -> None:
                 store = Store.from_url(str(work / f"store-{rows}"))
                 with PeakRss() as rss:
                     started = time.perf_counter()
-                    seconds = run_stages(store, client, source.as_uri())
+                    seconds = run_stages(store, client, source.as_uri(), rows, rss)
                     total = time.perf_counter() - started
                 shutil.rmtree(work / f"store-{rows}", ignore_errors=True)
                 stages = ("ingest", "clean", "train", "evaluate")

@@ -29,6 +29,12 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--n-workers", type=int, default=None, help="local Dask workers (default: by cores/GPUs)")
     run.add_argument("--max-rows", type=int, default=None, help="use about N flights (deterministic sample)")
     run.add_argument("--model", default=defaults.model, help="model name in the registry (default: %(default)s)")
+    run.add_argument("--family", choices=["gbtree", "random_forest", "linear"], default=None,
+                     help="model family to train (default: gbtree)")
+    run.add_argument("--search-budget", type=int, default=None,
+                     help="try up to N candidates in parallel on the cluster and keep the best on validation")
+    run.add_argument("--search-families", default=None,
+                     help="comma-separated families the search may try (default: all three)")
     run.add_argument("--params-json", default=None, help="JSON file of further flow parameters (training options, split...)")
     run.add_argument("--summary-json", default=None, help="write the machine-readable run summary here")
     run.add_argument("--prefect-port", type=int, default=4200, help="port of the local Prefect server (default: %(default)s)")
@@ -45,6 +51,15 @@ def build_params(args: argparse.Namespace) -> PipelineParams:
         value = getattr(args, name)
         if value is not None:
             values[name] = value
+    if args.family is not None:
+        values["training"] = {**values.get("training", {}), "model": args.family}
+    if args.search_budget is not None or args.search_families is not None:
+        search = dict(values.get("search") or {})
+        if args.search_budget is not None:
+            search["budget"] = args.search_budget
+        if args.search_families is not None:
+            search["families"] = [f.strip() for f in args.search_families.split(",") if f.strip()]
+        values["search"] = search
     return PipelineParams(**values)
 
 

@@ -19,10 +19,10 @@ from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.cluster import dask_cluster, quiet_dask_logs
-from flows.params import DEFAULT_STORAGE
+from flows.params import DEFAULT_STORAGE, ClusterChoice, cluster_field
 from flows.scoring import stage_options
 from flows.training import dask_client, open_store
-from tasks.registry import CHAMPION, AliasConflict, RegistryError, rollback
+from tasks.registry import AliasConflict, RegistryError, rollback
 from tasks.scoring import MonitorCheck, monitor_check
 from tasks.storage import Store
 
@@ -40,7 +40,7 @@ class MonitorParams(BaseModel):
     max_auc_drop: float = Field(0.05, ge=0, le=1, title="Roll back when live AUC < card AUC minus")
     min_rows: int = Field(500, ge=1, title="Fewest labelled rows for a verdict")
     auto_rollback: bool = Field(True, title="Roll back automatically on a breach")
-    cluster: str = Field("auto", title="Dask cluster")
+    cluster: ClusterChoice = cluster_field()
     n_workers: int | None = Field(None, ge=1, title="Local Dask workers")
 
 

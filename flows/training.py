@@ -9,7 +9,6 @@ work; tasks pass small typed results (URLs, versions, counts), never dataframes.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -21,6 +20,7 @@ from distributed import Client
 
 from flows.cluster import dask_cluster, quiet_dask_logs
 from flows.params import PipelineParams
+from flows.storage_settings import open_store, options_for
 from flows.alerts import mark_stage, on_cancellation, on_crashed, on_failure
 from flows.monitoring import monitor_data_task, monitor_model_task
 from flows.policy import POLICIES, policy_for, run_stage, task_options
@@ -36,28 +36,7 @@ from tasks.deploy import DeployResult, GateParams, get_alias
 from tasks.evaluate import EvaluationResult
 from tasks.ingest import IngestParams, IngestResult
 from tasks.search import SearchParams
-from tasks.storage import Store
 from tasks.train import SplitParams, TrainParams, TrainResult
-
-
-def storage_options() -> dict[str, Any]:
-    """fsspec options (endpoint, credentials) from the environment, never from parameters or code."""
-    import json
-
-    raw = os.environ.get("CONVEYOR_STORAGE_OPTIONS", "").strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"CONVEYOR_STORAGE_OPTIONS is not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(options, dict):
-        raise ValueError("CONVEYOR_STORAGE_OPTIONS must be a JSON object")
-    return options
-
-
-def open_store(storage_url: str) -> Store:
-    return Store.from_url(storage_url, storage_options())
 
 
 def dask_client(address: str) -> Client:
@@ -71,7 +50,7 @@ def dask_client(address: str) -> Client:
 def ingest_task(address: str, storage_url: str, source_url: str | None, params: IngestParams,
                 timeout_seconds: float = POLICIES["ingest"].timeout_seconds, restart_workers: bool = True) -> IngestResult:
     return run_stage("ingest", lambda client: ingest_stage.ingest(open_store(storage_url), client, source_url, params,
-                                                                  storage_options()),
+                                                                  options_for(source_url) if source_url else {}),
                      address, timeout_seconds, restart_workers)
 
 
@@ -130,10 +109,9 @@ def run_versions(ingested: IngestResult, cleaned: CleanResult, trained: TrainRes
 @task(**task_options("replicate"))
 def replicate_task(storage_url: str, replica_urls: list[str], rels: list[str]) -> dict[str, dict[str, int]]:
     """Copy the run's versions to every replica root, verified; fail loudly if any copy does not verify."""
-    from flows.storage_settings import open_store as open_any
     from tasks.maintenance import replicate
 
-    reports = replicate(open_store(storage_url), [open_any(u) for u in replica_urls], rels)
+    reports = replicate(open_store(storage_url), [open_store(u) for u in replica_urls], rels)
     failed = {root: r.failed for root, r in reports.items() if not r.ok}
     if failed:
         raise RuntimeError(f"replication failed: {failed}")

@@ -9,7 +9,6 @@ so the watcher is stateless between runs and works on any fsspec store.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger

@@ -10,7 +10,6 @@ departure: the schedule, carrier, route, aircraft and weather at the origin.
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -16,7 +16,6 @@ import platform
 import posixpath
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from tasks.clean import CleanResult
 from tasks.evaluate import EvaluationResult

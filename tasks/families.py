@@ -197,7 +197,7 @@ def fit_linear(client: Any, train_parts: list[Any], valid_parts: list[Any], feat
     """
     from scipy.optimize import minimize
 
-    where = {"workers": workers} if workers else {}
+    where = {"workers": workers, "allow_other_workers": False} if workers else {}
     numeric_cols = [f for f in features if f not in categorical]
     stats = sum(client.gather([client.submit(_part_stats, p, numeric_cols, pure=False, **where) for p in train_parts]))
     count, total, squares = stats

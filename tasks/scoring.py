@@ -85,21 +85,10 @@ def validate_rows(rows: Any, model: LoadedModel) -> list[FieldError]:
 
 
 def encode_known(frame: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFrame:
-    """``tasks.train.encode``, with categories unseen in training masked to missing first.
-
-    New data meets new values (a new route, a new carrier). ``encode`` maps them to
-    NaN already, but pandas 3 warns (and will later raise) when a Categorical is
-    built from values outside its categories, so they are masked here first; the
-    codes are identical.
-    """
+    """``tasks.train.encode``: categories unseen in training (a new route, a new carrier) become missing."""
     from tasks.train import encode
 
-    out = frame.copy()
-    for col, cats in categories.items():
-        if col in out.columns:
-            values = out[col].astype("string")
-            out[col] = values.where(values.isin(cats))
-    return encode(out, categories)
+    return encode(frame, categories)
 
 
 def categorize_known(frame: Any, categories: dict[str, list[str]]) -> Any:

@@ -24,7 +24,7 @@ import pandas as pd
 import xgboost as xgb
 import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
 
-from tasks.clean import CATEGORICAL, LABEL, TIME_KEY, CleanResult
+from tasks.clean import CATEGORICAL, FEATURES, LABEL, TIME_KEY, CleanResult
 from tasks.families import FAMILIES, LINEAR_FILE, Family, ForestParams, LinearModel, LinearParams, fit_linear
 from tasks.storage import Store, code_version, content_version, exists, open_manifest, read_dataset, read_json, write_bytes_atomic, write_json_atomic
 
@@ -141,6 +141,10 @@ def encode(frame: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFram
             values = values.where(values.isin(categories[col]))  # unseen -> NA, as before
             codes = pd.Categorical(values, categories=categories[col]).codes
             out[col] = np.where(codes < 0, np.nan, codes).astype("float32")
+    # Numeric features as float32: what XGBoost computes in anyway, half the worker memory of float64.
+    for col in FEATURES:
+        if col in out.columns and col not in CATEGORICAL and out[col].dtype != "float32":
+            out[col] = pd.to_numeric(out[col], errors="coerce").astype("float32")
     return out
 
 
@@ -151,23 +155,27 @@ def categorize(frame: dd.DataFrame | pd.DataFrame, categories: dict[str, list[st
     return frame.map_partitions(encode, categories, meta=encode(frame._meta, categories))
 
 
-def spread(client: Any, frame: dd.DataFrame) -> dd.DataFrame:
-    """Persist ``frame`` with non-empty partitions placed round-robin on every worker.
+def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
+    """``frame`` without its empty partitions, and its row count; placed round-robin when it has few partitions.
 
     A time slice usually sits in a few input partitions; XGBoost trains on the
-    partitions where they lie, so without this a worker can end up with none.
+    partitions where they lie, so with fewer partitions than workers a worker
+    would get none: then the slice is repartitioned and placed on every worker.
+    With enough partitions the frame stays lazy and ``xgboost.dask`` persists
+    it once (no second copy in worker memory: what lets 100M rows fit).
     """
-    frame = frame.persist()
     lengths = frame.map_partitions(len).compute().tolist()
+    rows = int(sum(lengths))
     non_empty = [i for i, n in enumerate(lengths) if n]
     if not non_empty:
-        return frame
+        return frame, 0
     frame = frame.partitions[non_empty]
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if len(non_empty) < len(workers) and sum(lengths) >= len(workers):
-        frame = frame.repartition(npartitions=len(workers))
+    if len(non_empty) >= len(workers) or rows < len(workers):
+        return frame, rows
+    frame = frame.repartition(npartitions=len(workers))
     placed = [client.compute(part, workers=[workers[i % len(workers)]]) for i, part in enumerate(frame.to_delayed())]
-    return dd.from_delayed(placed, meta=frame._meta, verify_meta=False)
+    return dd.from_delayed(placed, meta=frame._meta, verify_meta=False), rows
 
 
 def feature_types(features: list[str]) -> list[str]:
@@ -237,11 +245,15 @@ def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categ
     """Fit ``params.family`` on the train frame, stopping early on the valid frame.
 
     Trees train with ``xgboost.dask`` on the workers that hold the partitions
-    (all of them after :func:`spread`, one after :func:`place`); the linear
-    model's map-reduce runs where its partitions are, restricted to ``workers``.
+    (all of them after :func:`spread`). Given one worker (a search slot, after
+    :func:`place`), they train in one Dask task restricted to that worker, so
+    nothing of the candidate can land on another slot. The linear model's
+    map-reduce runs where its partitions are, restricted to ``workers``.
     """
     if params.family == "linear":
         return _fit_linear(client, frames, features, categories, params, workers)
+    if workers is not None and len(workers) == 1:
+        return _fit_booster_on(client, workers[0], frames, features, params, device)
     types = feature_types(features)
     dtrain = xgb.dask.DaskQuantileDMatrix(client, frames["train"][features], frames["train"][LABEL],
                                           feature_types=types, enable_categorical=True)
@@ -267,17 +279,57 @@ def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categ
                   float(history["logloss"][best]), float(history["auc"][best]), booster_params)
 
 
+def _booster_on_worker(train_parts: list[pd.DataFrame], valid_parts: list[pd.DataFrame], features: list[str],
+                       booster_params: dict[str, Any], rounds: int, early_stopping: int | None) -> tuple[bytes, int, float, float]:
+    """Train one booster inside a Dask task with the worker's threads (one search candidate on its slot)."""
+    from distributed import get_worker
+
+    types = feature_types(features)
+    train_frame, valid_frame = pd.concat(train_parts), pd.concat(valid_parts)
+    nthread = get_worker().state.nthreads
+    dtrain = xgb.QuantileDMatrix(train_frame[features], train_frame[LABEL], feature_types=types,
+                                 enable_categorical=True, nthread=nthread)
+    dvalid = xgb.QuantileDMatrix(valid_frame[features], valid_frame[LABEL], feature_types=types,
+                                 enable_categorical=True, nthread=nthread, ref=dtrain)
+    history: dict[str, Any] = {}
+    booster = xgb.train(booster_params | {"nthread": nthread}, dtrain, num_boost_round=rounds, evals=[(dvalid, "valid")],
+                        early_stopping_rounds=early_stopping, evals_result=history, verbose_eval=False)
+    best = int(booster.best_iteration) if early_stopping else 0
+    if early_stopping:
+        booster = booster[: best + 1]
+    return (bytes(booster.save_raw(raw_format="ubj")), best, float(history["valid"]["logloss"][best]),
+            float(history["valid"]["auc"][best]))
+
+
+def _fit_booster_on(client: Any, worker: str, frames: dict[str, dd.DataFrame], features: list[str],
+                    params: TrainParams, device: str) -> Fitted:
+    booster_params = xgb_params(params, device)
+    forest = params.family == "random_forest"
+    where = {"workers": [worker], "allow_other_workers": False}
+    parts = {p: client.compute(f.to_delayed(), **where) for p, f in frames.items()}
+    try:
+        raw, best, logloss, auc = client.submit(
+            _booster_on_worker, parts["train"], parts["valid"], features, booster_params,
+            1 if forest else params.num_boost_round, None if forest else params.early_stopping_rounds,
+            pure=False, **where).result()
+    finally:
+        for futures in parts.values():
+            for f in futures:
+                f.release()
+    return Fitted(load_raw(raw), raw, MODEL_FILE, best, logloss, auc, booster_params)
+
+
 def _fit_linear(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categories: dict[str, list[str]],
                 params: TrainParams, workers: list[str] | None) -> Fitted:
     from sklearn.metrics import roc_auc_score
 
-    parts = {p: client.compute(f[[*features, LABEL]].to_delayed(), **({"workers": workers} if workers else {}))
-             for p, f in frames.items()}
+    where = {"workers": workers, "allow_other_workers": False} if workers else {}
+    parts = {p: client.compute(f[[*features, LABEL]].to_delayed(), **where) for p, f in frames.items()}
     try:
         result = fit_linear(client, parts["train"], parts["valid"], features, [c for c in CATEGORICAL if c in features],
                             {c: len(categories[c]) for c in CATEGORICAL if c in features}, LABEL, params.linear, workers)
         scored = client.gather([client.submit(lambda part, m: (m.inplace_predict(part), part[LABEL].to_numpy()), p,
-                                              result.model, pure=False) for p in parts["valid"]])
+                                              result.model, pure=False, **where) for p in parts["valid"]])
     finally:
         for futures in parts.values():
             for f in futures:
@@ -297,23 +349,23 @@ def model_version(cleaned: CleanResult, params: TrainParams, split: SplitParams)
 def load_frames(store: Store, client: Any, cleaned: CleanResult, split: SplitParams,
                 place_on: str | None = None) -> tuple[dict[str, dd.DataFrame], dict[str, int]]:
     """Train and valid slices, persisted: spread over every worker, or all on ``place_on``."""
-    frames = {}
+    frames, rows = {}, {}
     for p in ("train", "valid"):
         frame = load_split(store, cleaned.silver.url, split, p, [*cleaned.features, LABEL])
-        frames[p] = place(client, frame, place_on) if place_on else spread(client, frame)
-    rows = {p: int(f.shape[0].compute()) for p, f in frames.items()}
+        frames[p], rows[p] = place(client, frame, place_on) if place_on else spread(client, frame)
     for p, n in rows.items():
         if n == 0:
             raise ValueError(f"{cleaned.silver.url}: the {p} slice of the time split {split} is empty")
     return frames, rows
 
 
-def place(client: Any, frame: dd.DataFrame, worker: str) -> dd.DataFrame:
-    """Persist every non-empty partition of ``frame`` on one worker (a search slot)."""
-    placed = [client.compute(part, workers=[worker]) for part in frame.to_delayed()]
-    lengths = client.gather([client.submit(len, f, workers=[worker], pure=False) for f in placed])
+def place(client: Any, frame: dd.DataFrame, worker: str) -> tuple[dd.DataFrame, int]:
+    """Persist every non-empty partition of ``frame`` on one worker (a search slot); with its row count."""
+    where = {"workers": [worker], "allow_other_workers": False}
+    placed = [client.compute(part, **where) for part in frame.to_delayed()]
+    lengths = client.gather([client.submit(len, f, pure=False, **where) for f in placed])
     kept = [f for f, n in zip(placed, lengths) if n] or placed[:1]
-    return dd.from_delayed(kept, meta=frame._meta, verify_meta=False)
+    return dd.from_delayed(kept, meta=frame._meta, verify_meta=False), int(sum(lengths))
 
 
 def write_model(store: Store, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str, device: str,

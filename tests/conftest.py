@@ -99,6 +99,41 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> Pipel
     return PipelineRun(store, ingested, cleaned, trained, evaluation, deployed)
 
 
+# --- a webhook receiver for alerts -----------------------------------------------------------
+
+@pytest.fixture
+def receiver():
+    """A real HTTP webhook receiver on a loopback port: yields (url, received JSON bodies); stopped in teardown."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+    arrived = threading.Condition()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server naming)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with arrived:
+                received.append(json.loads(body))
+                arrived.notify_all()
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 # --- S3: a real S3 protocol server (moto's server mode), s3fs's own test pattern -------------
 
 S3_KEYS = {"key": "testing", "secret": "testing"}

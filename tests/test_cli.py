@@ -33,7 +33,7 @@ def test_conveyor_run_end_to_end_is_clean(tmp_path: Path) -> None:
     summary_path = tmp_path / "summary.json"
     proc = _conveyor("run", "--storage-url", str(tmp_path / "store"), "--max-rows", "30000", "--cluster", "cpu",
                      "--n-workers", "2", "--prefect-port", str(port), "--summary-json", str(summary_path),
-                     env=_env(tmp_path), timeout=540)
+                     "--search-budget", "3", env=_env(tmp_path), timeout=540)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert not NOISE.search(output), output[-4000:]
@@ -41,6 +41,7 @@ def test_conveyor_run_end_to_end_is_clean(tmp_path: Path) -> None:
     summary = json.loads(summary_path.read_text())
     assert summary["metrics"]["roc_auc"] > summary["baseline_metrics"]["roc_auc"]
     assert summary["promoted"]
+    assert summary["search"]["candidates"] == 3 and "search" in proc.stdout  # the search path, end to end, quietly
     assert (tmp_path / "store" / "models" / summary["model"] / "aliases" / "champion.json").exists()
     assert _port_free(port), "the Prefect server started by the command is still listening"
 
@@ -50,6 +51,23 @@ def test_bad_parameter_gets_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "cluster" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_search_family_gets_one_clear_line(tmp_path: Path) -> None:
+    proc = _conveyor("run", "--search-families", "gbtree,svm", env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "search.families" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_family_and_search_flags_build_the_params() -> None:
+    from flows.cli import build_parser, build_params
+
+    args = build_parser().parse_args(["run", "--family", "linear", "--search-budget", "4",
+                                      "--search-families", "linear, random_forest"])
+    params = build_params(args)
+    assert params.training.model == "linear"
+    assert params.search.budget == 4 and params.search.families == ["linear", "random_forest"]
+    assert build_params(build_parser().parse_args(["run"])).search is None
 
 
 def test_flow_module_help_works() -> None:

@@ -128,7 +128,7 @@ def test_search_respects_budget_and_slots_and_is_deterministic(pipeline_run, das
             peak[0] = max(peak[0], active[0])
             slots_seen.append(tuple(workers))
         try:
-            # the candidate's data is on its slot only, so xgboost.dask trains there and nowhere else
+            # the candidate's data is on its slot only, and its work is restricted to that worker
             where = client.who_has(list(frames["train"].__dask_keys__()))
             assert {w for ws in where.values() for w in ws} <= set(workers)
             return real_fit(client, frames, *args, workers=workers, **kwargs)
@@ -137,9 +137,15 @@ def test_search_respects_budget_and_slots_and_is_deterministic(pipeline_run, das
                 active[0] -= 1
 
     monkeypatch.setattr(search, "fit", counting_fit)
+    from distributed import get_task_stream
+
     params = search.SearchParams(budget=5, seed=11)
-    first = search.run_search(pipeline_run.store, pipeline_run.cleaned, dask_client, params, SMALL, model="searched")
+    with get_task_stream(dask_client) as stream:
+        first = search.run_search(pipeline_run.store, pipeline_run.cleaned, dask_client, params, SMALL, model="searched")
     record = first.search
+    # Each tree candidate trained in one task on the slot the leaderboard names (no candidate touched another slot).
+    ran_on = sorted(t["worker"] for t in stream.data if str(t["key"]).startswith("_booster_on_worker"))
+    assert ran_on == sorted(c["slot"] for c in record["leaderboard"] if c["family"] != "linear")
     assert len(record["leaderboard"]) == 5 and len(slots_seen) == 5  # the budget, exactly
     assert peak[0] == 2 and record["parallelism"] == 2  # two workers: two candidates at a time, never more
     assert all(len(s) == 1 for s in slots_seen)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
@@ -82,46 +78,6 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture
-def receiver():
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server naming)
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def _api(read):
-    from prefect.client.orchestration import get_client
-
-    async def run():
-        async with get_client() as client:
-            for _ in range(300):
-                found = await read(client)
-                found = found.events if hasattr(found, "events") else found  # an EventPage, or a list
-                if found:
-                    return found
-                await asyncio.sleep(0.2)
-            return found
-
-    return asyncio.run(run())
 
 
 def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(prefect_api, pipeline_run, dask_client, receiver,

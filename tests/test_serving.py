@@ -9,7 +9,6 @@ import json
 import posixpath
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dask.dataframe as dd
 import httpx
@@ -38,30 +37,12 @@ def wait_for(condition, what: str, timeout: float = WAIT_S):
 
 
 @pytest.fixture
-def alert_receiver(monkeypatch):
-    """A local webhook receiver; CONVEYOR_ALERT_WEBHOOKS points send_alert at it."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server naming)
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("CONVEYOR_ALERT_WEBHOOKS", f"http://127.0.0.1:{server.server_port}/hook")
+def alert_receiver(receiver, monkeypatch):
+    """The shared webhook receiver, with CONVEYOR_ALERT_WEBHOOKS pointing send_alert at it."""
+    url, received = receiver
+    monkeypatch.setenv("CONVEYOR_ALERT_WEBHOOKS", url)
     monkeypatch.setenv("CONVEYOR_ALERT_APPRISE", "")
-    try:
-        yield received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    return received
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import xgboost as xgb
 from tasks import deploy, train
 from tasks.deploy import CHAMPION, GateParams, get_alias, set_alias
 from tasks.evaluate import Metrics, best_f1_threshold, calibration_error, score
-from tasks.storage import exists, read_json
+from tasks.storage import read_json
 
 
 def test_model_beats_the_naive_baseline_on_the_time_holdout(pipeline_run) -> None:

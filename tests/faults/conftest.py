@@ -92,34 +92,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # --- a real local HTTP receiver for alerts -------------------------------------------------
 
-@pytest.fixture
-def receiver():
-    received: list[dict] = []
-    arrived = threading.Condition()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server naming)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            with arrived:
-                received.append(json.loads(body))
-                arrived.notify_all()
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 # --- an S3 fault proxy in front of moto's server ---------------------------------------------
 
 S3_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
