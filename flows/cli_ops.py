@@ -118,4 +118,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
     for item in apply_automations(Path(args.file), args.webhook_url):
         print(f"  {item.action:8} {item.name}  ({item.id})")
+    from flows.policy import GPU_TAG, ensure_gpu_limit
+
+    gpus = ensure_gpu_limit()
+    print(f"  limit    {GPU_TAG}: {gpus} concurrent GPU stages" if gpus else f"  limit    {GPU_TAG}: none (no GPU here)")
     return 0

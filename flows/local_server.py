@@ -53,8 +53,14 @@ async def _ensure_pool(api_url: str) -> None:
 
 
 def register(api: PrefectApi, timeout: float = 300) -> None:
-    """Create the work pool and queues, then ``prefect deploy --all`` from prefect.yaml."""
+    """Create the work pool and queues and the GPU stage limit, then ``prefect deploy --all`` from prefect.yaml."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.policy import ensure_gpu_limit
+
     asyncio.run(_ensure_pool(api.url))
+    with temporary_settings({PREFECT_API_URL: api.url}):
+        ensure_gpu_limit()
     proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=_env(api),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -36,6 +36,12 @@ logger = logging.getLogger("conveyor.policy")
 
 STAGES = ("ingest", "clean", "train", "evaluate", "deploy", "monitor")
 
+# Stages that put work on the GPUs when the flow's cluster has them. Their task runs carry
+# GPU_TAG; the Prefect tag concurrency limit on it (``ensure_gpu_limit``, set to the number
+# of GPUs) caps how many GPU stages run at once across every flow on the server.
+GPU_TAG = "conveyor-gpu"
+GPU_STAGES = ("clean", "train", "evaluate")
+
 
 @dataclass(frozen=True)
 class StagePolicy:
@@ -176,8 +182,9 @@ def policy_for(stage: str, timeouts: Mapping[str, float] | None = None, backoff_
     return policy
 
 
-def task_options(stage: str, timeouts: Mapping[str, float] | None = None, backoff_seconds: float | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``@task`` / ``Task.with_options`` of one stage."""
+def task_options(stage: str, timeouts: Mapping[str, float] | None = None, backoff_seconds: float | None = None,
+                 gpu: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``@task`` / ``Task.with_options`` of one stage (``gpu``: the cluster has GPUs)."""
     policy = policy_for(stage, timeouts, backoff_seconds)
     return {
         "name": stage,
@@ -188,8 +195,27 @@ def task_options(stage: str, timeouts: Mapping[str, float] | None = None, backof
         # Stages are idempotent by content version (tasks/storage.py); Prefect's own
         # input hashing would only add cost and warnings about unhashable inputs.
         "cache_policy": NO_CACHE,
-        "tags": ["conveyor", f"stage:{stage}"],
+        "tags": ["conveyor", f"stage:{stage}", *([GPU_TAG] if gpu and stage in GPU_STAGES else [])],
     }
+
+
+def ensure_gpu_limit(gpus: int | None = None) -> int | None:
+    """Set the Prefect concurrency limit of GPU_TAG to the number of GPUs (NVML's count by default).
+
+    Idempotent: an existing limit is updated to the count. With no GPU nothing is
+    created (CPU stages never carry the tag). Returns the limit set, or None.
+    """
+    from prefect.client.orchestration import get_client
+
+    if gpus is None:
+        from tasks.train import gpu_count
+
+        gpus = gpu_count()
+    if gpus <= 0:
+        return None
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)  # creates, or updates the tag's limit
+    return gpus
 
 
 # --- timeouts that stop work -------------------------------------------------------------

@@ -99,6 +99,12 @@ def deploy_task(storage_url: str, cleaned: CleanResult, trained: TrainResult, ev
                      None, timeout_seconds)
 
 
+def cluster_has_gpus(address: str) -> bool:
+    """Whether every worker of the cluster sees a GPU (a dask-cuda cluster): its GPU stages carry GPU_TAG."""
+    with dask_client(address) as client:
+        return train_stage.workers_have_gpus(client)
+
+
 def run_versions(ingested: IngestResult, cleaned: CleanResult, trained: TrainResult) -> list[str]:
     """The ``kind/name/version`` of everything this run committed (or reused)."""
     refs = [r for t in ingested.tables.values() for r in (t.bronze, t.quarantine)] + [cleaned.silver, cleaned.quarantine]
@@ -129,9 +135,11 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
     thresholds = params.monitor.to_thresholds()
     seconds: dict[str, float] = {}
 
+    gpu = cluster_has_gpus(address)
+
     def stage(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         policy = policy_for(name, params.stage_timeouts, params.retry_backoff_seconds)
-        configured = fn.with_options(**task_options(name, params.stage_timeouts, params.retry_backoff_seconds)
+        configured = fn.with_options(**task_options(name, params.stage_timeouts, params.retry_backoff_seconds, gpu=gpu)
                                      | {"name": fn.name})
         mark_stage(run_id, name)
         started = time.perf_counter()

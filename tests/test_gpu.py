@@ -43,3 +43,21 @@ def test_train_on_local_cuda_cluster(pipeline_run, tmp_path) -> None:
                              train.TrainParams(num_boost_round=200, seed=7), model="flights_late_gpu")
     assert result.device == "cuda"
     assert result.valid_auc > 0.6
+
+
+@pytest.mark.gpu
+def test_search_puts_one_candidate_per_gpu(pipeline_run) -> None:
+    """Every slot is one dask-cuda worker (one GPU); tree candidates train with device="cuda" on it."""
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+
+    from tasks import search, train
+    from tasks.families import ForestParams, LinearParams
+
+    base = train.TrainParams(num_boost_round=60, random_forest=ForestParams(n_trees=10), linear=LinearParams(max_iter=30))
+    with LocalCUDACluster(dashboard_address=":0") as cluster, Client(cluster) as client:
+        gpus = len(client.scheduler_info(n_workers=-1)["workers"])
+        result = search.run_search(pipeline_run.store, pipeline_run.cleaned, client, search.SearchParams(budget=3),
+                                   base, model="flights_late_gpu_search")
+    assert result.search["device"] == "cuda" and result.search["parallelism"] == min(gpus, 3)
+    assert len({c["slot"] for c in result.search["leaderboard"]}) == min(gpus, 3)
