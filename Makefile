@@ -34,8 +34,12 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
+# The quick set (minutes); benchmarks/README.md lists every script, its figures and the command for each.
+ROWS ?= 1000000
 benchmark: $(STAMP)
-	$(BIN)/python -m benchmarks.orchestration_overhead
+	$(BIN)/python -m benchmarks.overhead --rows $(ROWS)
+	$(BIN)/python -m benchmarks.train_engines --rows $(ROWS)
+	$(BIN)/python -m benchmarks.search --budget 6
 
 lock: $(STAMP)
 	$(BIN)/uv lock
