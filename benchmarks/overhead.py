@@ -55,16 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
         from flows.training import training
 
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0",
-                          local_directory=str(work / "dask")) as cluster, Client(cluster) as client:
+                          local_directory=str(work / "dask")) as cluster:
             for i in range(args.repeat):
                 store_dir = work / f"direct-{i}"
-                with PeakRss() as rss:
+                shutil.rmtree(store_dir, ignore_errors=True)
+                with PeakRss() as rss, Client(cluster) as client:  # closed before the flow runs: one client at a time
                     t0 = time.perf_counter()
                     direct = run_stages(Store.from_url(store_dir.as_uri()), client, source.as_uri(), args.rows)
                     direct_total = time.perf_counter() - t0
                 shutil.rmtree(store_dir, ignore_errors=True)
 
                 store_dir = work / f"flow-{i}"
+                shutil.rmtree(store_dir, ignore_errors=True)
                 params = PipelineParams(storage_url=store_dir.as_uri(), source_url=source.as_uri(),
                                         cluster=cluster.scheduler_address)
                 with PeakRss() as flow_rss:
