@@ -30,6 +30,7 @@ from tasks.storage import Store, code_version, content_version, exists, open_man
 
 MODEL_FILE = "model.ubj"
 TRAIN_INFO = "train.json"
+SPREAD_LAZY_FACTOR = 8  # partitions per worker from which a slice is left to the scheduler (see spread)
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,16 @@ def categorize(frame: dd.DataFrame | pd.DataFrame, categories: dict[str, list[st
 
 
 def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
-    """``frame`` without its empty partitions, and its row count; placed round-robin when it has few partitions.
+    """``frame`` without its empty partitions, placed so every worker holds some; and its row count.
 
-    A time slice usually sits in a few input partitions; XGBoost trains on the
-    partitions where they lie, so with fewer partitions than workers a worker
-    would get none: then the slice is repartitioned and placed on every worker.
-    With enough partitions the frame stays lazy and ``xgboost.dask`` persists
-    it once (no second copy in worker memory: what lets 100M rows fit).
+    A time slice usually sits in a few input partitions, and XGBoost trains on
+    the partitions where they lie: left to the scheduler, a small slice can land
+    on one worker and leave the others with an empty DMatrix. So a slice with
+    few partitions is placed round-robin, one copy, computed where it is placed
+    (repartitioned first when it has fewer partitions than workers). A slice
+    with many partitions (big data) stays lazy: its reads spread over every
+    worker anyway and ``xgboost.dask`` persists it once, which is what kept
+    100M rows in memory here (benchmarks/README.md).
     """
     lengths = frame.map_partitions(len).compute().tolist()
     rows = int(sum(lengths))
@@ -171,9 +175,10 @@ def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
         return frame, 0
     frame = frame.partitions[non_empty]
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if len(non_empty) >= len(workers) or rows < len(workers):
+    if len(non_empty) >= SPREAD_LAZY_FACTOR * len(workers):
         return frame, rows
-    frame = frame.repartition(npartitions=len(workers))
+    if len(non_empty) < len(workers) and rows >= len(workers):
+        frame = frame.repartition(npartitions=len(workers))
     placed = [client.compute(part, workers=[workers[i % len(workers)]]) for i, part in enumerate(frame.to_delayed())]
     return dd.from_delayed(placed, meta=frame._meta, verify_meta=False), rows
 

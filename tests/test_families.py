@@ -198,3 +198,17 @@ def test_champion_is_scored_with_its_own_encoding(pipeline_run, dask_client):
                                champion_url=trained.model_url, champion_version="same-model-as-champion")
     assert result.champion.metrics is not None
     assert result.champion.metrics.roc_auc == pytest.approx(result.metrics.roc_auc, abs=1e-12)
+
+
+def test_spread_leaves_no_worker_without_training_rows(pipeline_run, dask_client):
+    """A small time slice is placed on every worker (else XGBoost warns of an empty DMatrix and idles one)."""
+    frame = train.load_split(pipeline_run.store, pipeline_run.cleaned.silver.url, train.SplitParams(), "valid",
+                             [*pipeline_run.cleaned.features, "is_late"])
+    spread_frame, rows = train.spread(dask_client, frame)
+    assert rows == len(frame.compute())
+    import xgboost as xgb
+
+    features = pipeline_run.cleaned.features
+    matrix = xgb.dask.DaskDMatrix(dask_client, spread_frame[features], spread_frame["is_late"],
+                                  feature_types=train.feature_types(features), enable_categorical=True)
+    assert set(matrix.worker_map) == set(dask_client.scheduler_info(n_workers=-1)["workers"])  # nobody empty
