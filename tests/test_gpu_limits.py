@@ -7,6 +7,20 @@ import pytest
 from flows.policy import GPU_TAG, ensure_gpu_limit, task_options
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drain_prefect_workers_after():
+    """Stop this module's events and log workers once it is done, as the test harness does on exit.
+
+    prefect 3.8 keeps one EventsWorker per process for a running server, keyed without the API
+    URL: left running, it would keep sending the next module's task-run states to this session's
+    server, not to the harness that module starts (tests/test_policy.py reads them back).
+    """
+    yield
+    from flows.api import drain_prefect
+
+    drain_prefect()
+
+
 def test_only_gpu_stages_on_a_gpu_cluster_carry_the_tag() -> None:
     assert GPU_TAG in task_options("train", gpu=True)["tags"]
     assert GPU_TAG in task_options("clean", gpu=True)["tags"] and GPU_TAG in task_options("evaluate", gpu=True)["tags"]
