@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from distributed import Client, LocalCluster
 
     from benchmarks.scale import PeakRss, run_stages
-    from benchmarks.synth import generate
+    from benchmarks.common import synthetic_source
     from flows.api import drain_prefect, ensure_api, export, free_port
     from flows.cluster import quiet_dask_logs
     from flows.params import PipelineParams
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-overhead-"))
-    source = work / f"synth-{args.rows}"
-    if not (source / "airports.parquet").exists():
-        generate(str(source), args.rows, progress=False)
+    source = synthetic_source(work, args.rows)
     api = ensure_api(work / "prefect-home", free_port())
     export(api)
     runs: list[dict] = []
@@ -97,11 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"rows": args.rows, "workers": args.workers, "runs": runs,
            "ratio_total_best": min(r["ratio_total"] for r in runs),
            "four_stages_ratio_best": min(r["four_stages_ratio"] for r in runs)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return out
+    from benchmarks.common import emit
+
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

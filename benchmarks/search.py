@@ -86,11 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                "seconds", "slot")} | {"hyperparameters": c["hyperparameters"]}
                             for c in winner.search["leaderboard"]],
         }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return out
+    from benchmarks.common import emit
+
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

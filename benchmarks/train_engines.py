@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from distributed import Client, LocalCluster
     from sklearn.metrics import roc_auc_score
 
-    from benchmarks.synth import generate
+    from benchmarks.common import synthetic_source
     from flows.cluster import quiet_dask_logs
     from tasks import clean, ingest, train
     from tasks.clean import LABEL
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-engines-"))
-    source = work / f"synth-{args.rows}"
-    if not (source / "airports.parquet").exists():
-        generate(str(source), args.rows, progress=False)
+    source = synthetic_source(work, args.rows)
     out: dict = {"rows": args.rows, "workers": args.workers}
     try:
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0",
@@ -105,11 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
         else:
             shutil.rmtree(work / "store", ignore_errors=True)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return out
+    from benchmarks.common import emit
+
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":
