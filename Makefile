@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test ui serve-local benchmark lock clean
+.PHONY: venv run test lint ui serve-local benchmark lock clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml uv.lock
 run: $(STAMP)
 	$(BIN)/conveyor run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff: lint + import order + formatting (line length 110, pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Browse the recorded runs (stop with Ctrl-C).
 ui: $(STAMP)

@@ -30,18 +30,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=lambda s: int(s.replace("_", "")), default=1_000_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="alternate direct and flow this many times")
-    parser.add_argument("--keep", default=None, help="folder to keep the generated data in (reused when present)")
+    parser.add_argument(
+        "--keep", default=None, help="folder to keep the generated data in (reused when present)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
 
-    from benchmarks.scale import PeakRss, run_stages
     from benchmarks.common import synthetic_source
-    from flows.api import drain_prefect, ensure_api, export, free_port
-    from flows.cluster import quiet_dask_logs
-    from flows.params import PipelineParams
-    from tasks.storage import Store
+    from benchmarks.scale import PeakRss, run_stages
+    from conveyor.cluster import quiet_dask_logs
+    from conveyor.flows.params import PipelineParams
+    from conveyor.prefect_api import drain_prefect, ensure_api, export, free_port
+    from conveyor.store.storage import Store
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-overhead-"))
@@ -50,23 +52,35 @@ def main(argv: list[str] | None = None) -> dict:
     export(api)
     runs: list[dict] = []
     try:
-        from flows.training import training
+        from conveyor.flows.training import training
 
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0",
-                          local_directory=str(work / "dask")) as cluster:
+        with LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            dashboard_address=":0",
+            local_directory=str(work / "dask"),
+        ) as cluster:
             for i in range(args.repeat):
                 store_dir = work / f"direct-{i}"
                 shutil.rmtree(store_dir, ignore_errors=True)
-                with PeakRss() as rss, Client(cluster) as client:  # closed before the flow runs: one client at a time
+                with (
+                    PeakRss() as rss,
+                    Client(cluster) as client,
+                ):  # closed before the flow runs: one client at a time
                     t0 = time.perf_counter()
-                    direct = run_stages(Store.from_url(store_dir.as_uri()), client, source.as_uri(), args.rows)
+                    direct = run_stages(
+                        Store.from_url(store_dir.as_uri()), client, source.as_uri(), args.rows
+                    )
                     direct_total = time.perf_counter() - t0
                 shutil.rmtree(store_dir, ignore_errors=True)
 
                 store_dir = work / f"flow-{i}"
                 shutil.rmtree(store_dir, ignore_errors=True)
-                params = PipelineParams(storage_url=store_dir.as_uri(), source_url=source.as_uri(),
-                                        cluster=cluster.scheduler_address)
+                params = PipelineParams(
+                    storage_url=store_dir.as_uri(),
+                    source_url=source.as_uri(),
+                    cluster=cluster.scheduler_address,
+                )
                 with PeakRss() as flow_rss:
                     t0 = time.perf_counter()
                     summary = training(params)
@@ -76,13 +90,28 @@ def main(argv: list[str] | None = None) -> dict:
                     "direct_s": round(direct_total, 2),
                     "flow_s": round(flow_total, 2),
                     "ratio_total": round(flow_total / direct_total, 4),
-                    "stages": {s: {"direct_s": round(direct[s], 2), "flow_s": summary.stage_seconds[s],
-                                   "ratio": round(summary.stage_seconds[s] / direct[s], 4)} for s in STAGES},
-                    "four_stages_ratio": round(sum(summary.stage_seconds[s] for s in STAGES)
-                                               / sum(direct[s] for s in STAGES), 4),
-                    "flow_extra_s": {k: v for k, v in summary.stage_seconds.items() if k not in (*STAGES, "total")},
-                    "holdout_auc": {"direct": round(direct["holdout_auc"], 4), "flow": round(summary.metrics["roc_auc"], 4)},
-                    "peak_rss_gib": {"direct": round(rss.peak / 2**30, 2), "flow": round(flow_rss.peak / 2**30, 2)},
+                    "stages": {
+                        s: {
+                            "direct_s": round(direct[s], 2),
+                            "flow_s": summary.stage_seconds[s],
+                            "ratio": round(summary.stage_seconds[s] / direct[s], 4),
+                        }
+                        for s in STAGES
+                    },
+                    "four_stages_ratio": round(
+                        sum(summary.stage_seconds[s] for s in STAGES) / sum(direct[s] for s in STAGES), 4
+                    ),
+                    "flow_extra_s": {
+                        k: v for k, v in summary.stage_seconds.items() if k not in (*STAGES, "total")
+                    },
+                    "holdout_auc": {
+                        "direct": round(direct["holdout_auc"], 4),
+                        "flow": round(summary.metrics["roc_auc"], 4),
+                    },
+                    "peak_rss_gib": {
+                        "direct": round(rss.peak / 2**30, 2),
+                        "flow": round(flow_rss.peak / 2**30, 2),
+                    },
                 }
                 runs.append(run)
                 print(json.dumps(run), flush=True)
@@ -92,9 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
             api.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    out = {"rows": args.rows, "workers": args.workers, "runs": runs,
-           "ratio_total_best": min(r["ratio_total"] for r in runs),
-           "four_stages_ratio_best": min(r["four_stages_ratio"] for r in runs)}
+    out = {
+        "rows": args.rows,
+        "workers": args.workers,
+        "runs": runs,
+        "ratio_total_best": min(r["ratio_total"] for r in runs),
+        "four_stages_ratio_best": min(r["four_stages_ratio"] for r in runs),
+    }
     from benchmarks.common import emit
 
     return emit(out, args.json)

@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             code = proc.wait(timeout=30)
         seconds = time.perf_counter() - started
-    result = {"command": command, "returncode": code, "seconds": round(seconds, 1),
-              "peak_rss_gib": round(rss.peak / 2**30, 2)}
+    result = {
+        "command": command,
+        "returncode": code,
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(rss.peak / 2**30, 2),
+    }
     print(json.dumps(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -21,8 +21,7 @@ import pandas as pd
 import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
-WEATHER_COLS = ["temp", "dewp", "humid", "wind_dir", "wind_speed",
-                "wind_gust", "precip", "pressure", "visib"]
+WEATHER_COLS = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
 CAT_COLS = ["carrier", "origin", "dest"]
 # Split cut-offs apply to the scheduled departure hour, time_hour, in UTC (as the pipeline does).
 TRAIN_END = pd.Timestamp("2013-09-01", tz="UTC")
@@ -98,13 +97,27 @@ def train_model(train, valid, nthread: int) -> xgb.Booster:
     dtrain = xgb.QuantileDMatrix(xt, yt, enable_categorical=True, nthread=nthread)
     dvalid = xgb.QuantileDMatrix(xv, yv, enable_categorical=True, nthread=nthread, ref=dtrain)
     params = {
-        "tree_method": "hist", "device": "cpu", "objective": "binary:logistic",
-        "eval_metric": ["logloss", "auc"], "learning_rate": 0.1, "max_depth": 8,
-        "min_child_weight": 5, "subsample": 0.8, "colsample_bytree": 0.8,
-        "max_cat_to_onehot": 4, "seed": 13, "nthread": nthread,
+        "tree_method": "hist",
+        "device": "cpu",
+        "objective": "binary:logistic",
+        "eval_metric": ["logloss", "auc"],
+        "learning_rate": 0.1,
+        "max_depth": 8,
+        "min_child_weight": 5,
+        "subsample": 0.8,
+        "colsample_bytree": 0.8,
+        "max_cat_to_onehot": 4,
+        "seed": 13,
+        "nthread": nthread,
     }
-    return xgb.train(params, dtrain, num_boost_round=400, evals=[(dvalid, "valid")],
-                     early_stopping_rounds=25, verbose_eval=False)
+    return xgb.train(
+        params,
+        dtrain,
+        num_boost_round=400,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=25,
+        verbose_eval=False,
+    )
 
 
 def baseline_auc(train, hold, m: float = 20.0) -> float:

@@ -42,7 +42,7 @@ class PeakRss:
             self.peak = max(self.peak, total)
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
@@ -51,9 +51,9 @@ class PeakRss:
         self._thread.join()
 
 
-def run_stages(store, client, source_url: str, rows: int = 0, rss: "PeakRss | None" = None) -> dict[str, float]:
+def run_stages(store, client, source_url: str, rows: int = 0, rss: PeakRss | None = None) -> dict[str, float]:
     """The four stages directly on ``client``; each stage's figures are printed as soon as it ends."""
-    from tasks import clean, evaluate, ingest, train
+    from conveyor.tasks import clean, evaluate, ingest, train
 
     seconds: dict[str, float] = {}
 
@@ -61,9 +61,13 @@ def run_stages(store, client, source_url: str, rows: int = 0, rss: "PeakRss | No
         t = time.perf_counter()
         result = fn(*args)
         seconds[stage] = time.perf_counter() - t
-        progress = {"rows": rows, "stage": stage, "seconds": round(seconds[stage], 1),
-                    "rows_per_s": round(rows / seconds[stage]) if rows else None,
-                    "peak_rss_gib_so_far": round(rss.peak / 2**30, 2) if rss else None}
+        progress = {
+            "rows": rows,
+            "stage": stage,
+            "seconds": round(seconds[stage], 1),
+            "rows_per_s": round(rows / seconds[stage]) if rows else None,
+            "peak_rss_gib_so_far": round(rss.peak / 2**30, 2) if rss else None,
+        }
         print(json.dumps(progress), flush=True)
         return result
 
@@ -88,16 +92,23 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     from benchmarks.synth import generate
-    from flows.cluster import quiet_dask_logs
-    from tasks.storage import Store
+    from conveyor.cluster import quiet_dask_logs
+    from conveyor.store.storage import Store
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-scale-"))
     results = []
     try:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit,
-                          dashboard_address=":0", local_directory=str(work / "dask")) as cluster, \
-                Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                memory_limit=args.memory_limit,
+                dashboard_address=":0",
+                local_directory=str(work / "dask"),
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             for rows in sorted(args.rows):
                 source = work / f"synth-{rows}"
                 if not (source / "airports.parquet").exists():
@@ -109,15 +120,17 @@ def main() -> None:
                     total = time.perf_counter() - started
                 shutil.rmtree(work / f"store-{rows}", ignore_errors=True)
                 stages = ("ingest", "clean", "train", "evaluate")
-                results.append({
-                    "rows": rows,
-                    "total_s": round(total, 1),
-                    "rows_per_s": {s: round(rows / seconds[s]) for s in stages},
-                    "seconds": {s: round(seconds[s], 1) for s in stages},
-                    "peak_rss_gib": round(rss.peak / 2**30, 2),
-                    "holdout_auc": round(seconds["holdout_auc"], 4),
-                    "quarantined": seconds["quarantined"],
-                })
+                results.append(
+                    {
+                        "rows": rows,
+                        "total_s": round(total, 1),
+                        "rows_per_s": {s: round(rows / seconds[s]) for s in stages},
+                        "seconds": {s: round(seconds[s], 1) for s in stages},
+                        "peak_rss_gib": round(rss.peak / 2**30, 2),
+                        "holdout_auc": round(seconds["holdout_auc"], 4),
+                        "quarantined": seconds["quarantined"],
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
     finally:
         if not args.keep:
@@ -127,7 +140,9 @@ def main() -> None:
         "workers": args.workers,
         "sizes": results,
         "scaling_vs_smallest": {  # throughput ratio: 1.0 = linear, < 1 = slower per row at scale
-            str(r["rows"]): {s: round(r["rows_per_s"][s] / base["rows_per_s"][s], 2) for s in base["rows_per_s"]}
+            str(r["rows"]): {
+                s: round(r["rows_per_s"][s] / base["rows_per_s"][s], 2) for s in base["rows_per_s"]
+            }
             for r in results[1:]
         },
     }

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _sample_rows(store: Any, card: dict[str, Any], n: int) -> list[dict[str, Any]]:
     import pandas as pd
 
-    from tasks.storage import open_manifest, part_urls
+    from conveyor.store.storage import open_manifest, part_urls
 
     url = card["datasets"]["silver_url"]
     frames, have = [], 0
@@ -48,9 +49,13 @@ def _sample_rows(store: Any, card: dict[str, Any], n: int) -> list[dict[str, Any
 
 def _stats(latencies: list[float], wall: float, rows_per_call: int) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000
-    return {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "requests_per_s": round(len(ms) / wall, 1),
-            "rows_per_s": round(len(ms) * rows_per_call / wall, 1)}
+    return {
+        "requests": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "requests_per_s": round(len(ms) / wall, 1),
+        "rows_per_s": round(len(ms) * rows_per_call / wall, 1),
+    }
 
 
 def _drive(call: Callable[[], None], clients: int, per_client: int) -> tuple[list[float], float]:
@@ -80,9 +85,27 @@ def _drive(call: Callable[[], None], clients: int, per_client: int) -> tuple[lis
 def _start_server(storage_url: str, model: str, port: int) -> subprocess.Popen:
     env = os.environ.copy() | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("CONVEYOR_SERVING_TOKEN", None)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--storage-url", storage_url, "--model", model,
-                             "--port", str(port), "--poll-seconds", "60"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conveyor.cli",
+            "serve",
+            "--storage-url",
+            storage_url,
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--poll-seconds",
+            "60",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -95,14 +118,16 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def run(storage_url: str, model: str, clients: int, single_requests: int, batch_requests: int,
-        batch_rows: int) -> dict[str, Any]:
+def run(
+    storage_url: str, model: str, clients: int, single_requests: int, batch_requests: int, batch_rows: int
+) -> dict[str, Any]:
     import httpx
 
-    from flows.api import free_port
-    from flows.training import open_store
-    from tasks.registry import load_model, read_alias
-    from tasks.scoring import predict_frame, rows_to_frame
+    from conveyor.flows.training import open_store
+    from conveyor.prefect_api import free_port
+    from conveyor.store.registry import read_alias
+    from conveyor.tasks.loading import load_model
+    from conveyor.tasks.scoring import predict_frame, rows_to_frame
 
     store = open_store(storage_url)
     pointer = read_alias(store, model)
@@ -112,16 +137,30 @@ def run(storage_url: str, model: str, clients: int, single_requests: int, batch_
     rows = _sample_rows(store, loaded.card, batch_rows)
     encoded_single, encoded_batch = rows_to_frame(rows[:1], loaded), rows_to_frame(rows, loaded)
 
-    result: dict[str, Any] = {"model": model, "version": loaded.version, "clients": clients, "batch_rows": len(rows),
-                              "cpus": os.cpu_count()}
+    result: dict[str, Any] = {
+        "model": model,
+        "version": loaded.version,
+        "clients": clients,
+        "batch_rows": len(rows),
+        "cpus": os.cpu_count(),
+    }
     direct = {
-        "single": _drive(lambda: loaded.booster.inplace_predict(encoded_single), clients, single_requests // clients),
-        "batch": _drive(lambda: loaded.booster.inplace_predict(encoded_batch), clients, batch_requests // clients),
+        "single": _drive(
+            lambda: loaded.booster.inplace_predict(encoded_single), clients, single_requests // clients
+        ),
+        "batch": _drive(
+            lambda: loaded.booster.inplace_predict(encoded_batch), clients, batch_requests // clients
+        ),
     }
     in_process = {  # validation + encoding + prediction, no HTTP: where the server's time goes
-        "single": _drive(lambda: predict_frame(loaded, rows_to_frame(rows[:1], loaded)), clients,
-                         single_requests // clients),
-        "batch": _drive(lambda: predict_frame(loaded, rows_to_frame(rows, loaded)), clients, batch_requests // clients),
+        "single": _drive(
+            lambda: predict_frame(loaded, rows_to_frame(rows[:1], loaded)),
+            clients,
+            single_requests // clients,
+        ),
+        "batch": _drive(
+            lambda: predict_frame(loaded, rows_to_frame(rows, loaded)), clients, batch_requests // clients
+        ),
     }
 
     port = free_port()
@@ -161,15 +200,21 @@ def run(storage_url: str, model: str, clients: int, single_requests: int, batch_
         s = _stats(*served[kind], n)
         d = _stats(*direct[kind], n)
         ip = _stats(*in_process[kind], n)
-        result[kind] = {"served": s, "in_process_full_path": ip, "booster_direct": d,
-                        "ratio_served_to_direct": {"p50": round(s["p50_ms"] / d["p50_ms"], 1),
-                                                   "p99": round(s["p99_ms"] / d["p99_ms"], 1),
-                                                   "throughput": round(s["rows_per_s"] / d["rows_per_s"], 4)}}
+        result[kind] = {
+            "served": s,
+            "in_process_full_path": ip,
+            "booster_direct": d,
+            "ratio_served_to_direct": {
+                "p50": round(s["p50_ms"] / d["p50_ms"], 1),
+                "p99": round(s["p99_ms"] / d["p99_ms"], 1),
+                "throughput": round(s["rows_per_s"] / d["rows_per_s"], 4),
+            },
+        }
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.params import DEFAULT_STORAGE
+    from conveyor.flows.params import DEFAULT_STORAGE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storage-url", default=DEFAULT_STORAGE)
@@ -180,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rows", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    result = run(args.storage_url, args.model, args.clients, args.single_requests, args.batch_requests,
-                 args.batch_rows)
+    result = run(
+        args.storage_url, args.model, args.clients, args.single_requests, args.batch_requests, args.batch_rows
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

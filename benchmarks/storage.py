@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def bare_pyarrow(source: Path, out: Path) -> tuple[float, int]:
-    """What a hand-written copy would do: read each table, write it as parquet. No types, checks or manifests."""
+    """What a hand-written copy would do: read each table, write it as parquet. No types, checks or
+    manifests."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -41,7 +42,7 @@ def bare_pyarrow(source: Path, out: Path) -> tuple[float, int]:
 
 
 def stages(store, client, max_rows):
-    from tasks import clean, evaluate, ingest, train
+    from conveyor.tasks import clean, evaluate, ingest, train
 
     t0 = time.perf_counter()
     ingested = ingest.ingest(store, client, None, ingest.IngestParams(max_rows=max_rows))
@@ -64,21 +65,24 @@ def main() -> None:
     from distributed import Client, LocalCluster
     from moto.server import ThreadedMotoServer
 
-    from flows.cluster import quiet_dask_logs
+    from conveyor.cluster import quiet_dask_logs
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     quiet_dask_logs()
 
-    from flows.api import free_port
-    from tasks.ingest import packaged_source_url
-    from tasks.storage import Store
+    from conveyor.prefect_api import free_port
+    from conveyor.store.storage import Store
+    from conveyor.tasks.ingest import packaged_source_url
 
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+            Client(cluster) as client,
+        ):
             source = Path(packaged_source_url().removeprefix("file://"))
             bare_s, bare_rows = bare_pyarrow(source, work / "bare")
 
@@ -106,8 +110,13 @@ def main() -> None:
         "rerun_vs_first": round(rerun_s / first_s, 3),
         "s3_vs_local": round(s3_s / first_s, 3),
         "s3_ingest_vs_local_ingest": round(s3_ingest_s / ingest_s, 3),
-        "seconds": {"bare_pyarrow": round(bare_s, 2), "ingest": round(ingest_s, 2), "first_run": round(first_s, 2),
-                    "rerun": round(rerun_s, 2), "s3_run": round(s3_s, 2)},
+        "seconds": {
+            "bare_pyarrow": round(bare_s, 2),
+            "ingest": round(ingest_s, 2),
+            "first_run": round(first_s, 2),
+            "rerun": round(rerun_s, 2),
+            "s3_run": round(s3_s, 2),
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

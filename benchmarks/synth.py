@@ -42,7 +42,7 @@ class SynthResult:
 
 
 def _real(name: str) -> pd.DataFrame:
-    from tasks.ingest import packaged_source_url
+    from conveyor.tasks.ingest import packaged_source_url
 
     folder = Path(packaged_source_url().removeprefix("file://"))
     path = folder / (f"{name}.csv.zip" if name == "flights" else f"{name}.csv")
@@ -80,12 +80,20 @@ def make_part(real: pd.DataFrame, rows: int, rng: np.random.Generator) -> tuple[
 
     n_dup = rng.binomial(rows, DUPLICATE_SHARE)
     dups = part.iloc[rng.choice(rows, n_dup, replace=False)]
-    part = pd.concat([part.iloc[: rows - n_dup], dups], ignore_index=True)  # same row count, exact copies inside
+    part = pd.concat(
+        [part.iloc[: rows - n_dup], dups], ignore_index=True
+    )  # same row count, exact copies inside
     return part, n_invalid, n_dup
 
 
-def generate(out_url: str, rows: int, part_rows: int = 1_000_000, seed: int = 7,
-             storage_options: dict | None = None, progress: bool = True) -> SynthResult:
+def generate(
+    out_url: str,
+    rows: int,
+    part_rows: int = 1_000_000,
+    seed: int = 7,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> SynthResult:
     from fsspec.core import url_to_fs
 
     started = time.perf_counter()
@@ -110,8 +118,12 @@ def generate(out_url: str, rows: int, part_rows: int = 1_000_000, seed: int = 7,
         if progress:
             done = (i + 1) / parts
             bar = "#" * int(done * 30)
-            print(f"\r  flights [{bar:<30}] {min(rows, (i + 1) * part_rows):>13,} / {rows:,} rows", end="",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\r  flights [{bar:<30}] {min(rows, (i + 1) * part_rows):>13,} / {rows:,} rows",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if progress:
         print(file=sys.stderr)
     return SynthResult(out_url, rows, parts, invalid, duplicates, round(time.perf_counter() - started, 2))

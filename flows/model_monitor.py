@@ -1,13 +1,13 @@
 """Model monitor flow: score the live champion on recent labelled data; roll back when it misbehaves.
 
-The check (``tasks.scoring.monitor_check``) compares the champion's ROC AUC on
+The check (``conveyor.tasks.scoring.monitor_check``) compares the champion's ROC AUC on
 ``data_url`` (or on a replay of its own holdout) with the AUC on its card; a
-drop past ``max_auc_drop`` rolls the champion back (``tasks.registry.rollback``,
+drop past ``max_auc_drop`` rolls the champion back (``conveyor.store.registry.rollback``,
 compare-and-swap, recorded in the alias history) and raises a
 ``model.rollback`` alert. Serving picks the rolled-back version up on its next
 poll. Schedule it like any deployment.
 
-    python -m flows.model_monitor --help
+    python -m conveyor.flows.model_monitor --help
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.cluster import dask_cluster, quiet_dask_logs
-from flows.params import DEFAULT_STORAGE, ClusterChoice, cluster_field
-from flows.scoring import stage_options
-from flows.training import dask_client, open_store
-from tasks.registry import AliasConflict, RegistryError, rollback
-from tasks.scoring import MonitorCheck, monitor_check
-from tasks.storage import Store
+from conveyor.cluster import dask_cluster, quiet_dask_logs
+from conveyor.flows.params import ClusterChoice, cluster_field, model_field, storage_field
+from conveyor.flows.scoring import stage_options
+from conveyor.resources import dask_client, open_store
+from conveyor.store.registry import AliasConflict, RegistryError, rollback
+from conveyor.store.storage import Store
+from conveyor.tasks.scoring import MonitorCheck, monitor_check
 
 
 class MonitorParams(BaseModel):
@@ -32,11 +32,14 @@ class MonitorParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    storage_url: str = Field(DEFAULT_STORAGE, title="Storage root URL")
-    model: str = Field("flights_late", pattern=r"^[a-z][a-z0-9_]{0,62}$", title="Model name")
-    data_url: str | None = Field(None, title="Recent labelled data",
-                                 description="a committed dataset with the features and the label; "
-                                             "empty = replay the holdout of the champion's silver dataset")
+    storage_url: str = storage_field()
+    model: str = model_field()
+    data_url: str | None = Field(
+        None,
+        title="Recent labelled data",
+        description="a committed dataset with the features and the label; "
+        "empty = replay the holdout of the champion's silver dataset",
+    )
     max_auc_drop: float = Field(0.05, ge=0, le=1, title="Roll back when live AUC < card AUC minus")
     min_rows: int = Field(500, ge=1, title="Fewest labelled rows for a verdict")
     auto_rollback: bool = Field(True, title="Roll back automatically on a breach")
@@ -53,33 +56,58 @@ class MonitorOutcome:
 
 
 def _default_alert(kind: str, title: str, details: dict[str, Any], severity: str) -> None:
-    from flows.alerts import Alert, send_alert
+    from conveyor.alerts import Alert, send_alert
 
     send_alert(Alert(kind=kind, title=title, details=details, severity=severity))
 
 
-def act(store: Store, check: MonitorCheck, auto_rollback: bool = True, alert: Any = _default_alert) -> MonitorOutcome:
+def act(
+    store: Store, check: MonitorCheck, auto_rollback: bool = True, alert: Any = _default_alert
+) -> MonitorOutcome:
     """Roll back (and alert) when the check breached its threshold; alert only when rollback is impossible."""
     if not check.breached:
         return MonitorOutcome(check, False, None, check.reason)
-    details = {"model": check.model, "version": check.version, "live_roc_auc": round(check.roc_auc, 4),
-               "card_roc_auc": round(check.card_roc_auc, 4), "max_auc_drop": check.max_auc_drop,
-               "rows": check.rows, "data_url": check.data_url}
+    details = {
+        "model": check.model,
+        "version": check.version,
+        "live_roc_auc": round(check.roc_auc, 4),
+        "card_roc_auc": round(check.card_roc_auc, 4),
+        "max_auc_drop": check.max_auc_drop,
+        "rows": check.rows,
+        "data_url": check.data_url,
+    }
     if not auto_rollback:
-        alert("monitor.threshold", f"{check.model}: champion {check.version} breached its threshold", details, "error")
+        alert(
+            "monitor.threshold",
+            f"{check.model}: champion {check.version} breached its threshold",
+            details,
+            "error",
+        )
         return MonitorOutcome(check, False, None, f"{check.reason}; auto-rollback is off")
     try:
-        event = rollback(store, check.model, reason=f"auto-rollback by the monitor: {check.reason}", by="model-monitor")
+        event = rollback(
+            store, check.model, reason=f"auto-rollback by the monitor: {check.reason}", by="model-monitor"
+        )
     except (RegistryError, AliasConflict) as exc:
-        alert("monitor.threshold", f"{check.model}: champion {check.version} breached its threshold and could not "
-              "be rolled back", details | {"error": str(exc)}, "error")
+        alert(
+            "monitor.threshold",
+            f"{check.model}: champion {check.version} breached its threshold and could not be rolled back",
+            details | {"error": str(exc)},
+            "error",
+        )
         return MonitorOutcome(check, False, None, f"{check.reason}; rollback impossible: {exc}")
-    alert("model.rollback", f"{check.model}: rolled back {check.version} -> {event.version}",
-          details | {"rolled_back_to": event.version, "reason": check.reason}, "error")
+    alert(
+        "model.rollback",
+        f"{check.model}: rolled back {check.version} -> {event.version}",
+        details | {"rolled_back_to": event.version, "reason": check.reason},
+        "error",
+    )
     return MonitorOutcome(check, True, event.version, f"{check.reason}; rolled back to {event.version}")
 
 
-def monitor_once(store: Store, client: Any, params: MonitorParams, alert: Any = _default_alert) -> MonitorOutcome:
+def monitor_once(
+    store: Store, client: Any, params: MonitorParams, alert: Any = _default_alert
+) -> MonitorOutcome:
     """One check-and-act cycle (the flow's body, usable without Prefect)."""
     check = monitor_check(store, client, params.model, params.data_url, params.max_auc_drop, params.min_rows)
     return act(store, check, params.auto_rollback, alert)
@@ -103,6 +131,6 @@ def model_monitor(params: MonitorParams = MonitorParams()) -> MonitorOutcome:
 
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from conveyor.launch import flow_main
 
-    raise SystemExit(main(["monitor", *__import__("sys").argv[1:]]))
+    raise SystemExit(flow_main(model_monitor, MonitorParams))

@@ -14,15 +14,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 
-from flows.alerts import Alert, send_alert
-from flows.policy import POLICIES, run_stage, task_options
-from tasks import monitor
-from tasks.clean import LABEL, CleanResult
-from tasks.deploy import get_alias
-from tasks.evaluate import EvaluationResult
-from tasks.monitor import MonitorReport, Thresholds
-from tasks.storage import Store, exists, read_json
-from tasks.train import TrainResult
+from conveyor.alerts import Alert, send_alert
+from conveyor.policy import POLICIES, run_stage, task_options
+from conveyor.resources import open_store
+from conveyor.store.storage import Store, exists, read_json
+from conveyor.tasks import monitor
+from conveyor.tasks.clean import LABEL, CleanResult
+from conveyor.tasks.deploy import get_alias
+from conveyor.tasks.evaluate import EvaluationResult
+from conveyor.tasks.monitor import MonitorReport, Thresholds
+from conveyor.tasks.train import TrainResult
 
 BREACH_EVENT = "conveyor.monitor.breach"
 DATASET = "silver_flights"
@@ -42,8 +43,12 @@ def publish(report: MonitorReport, resource_id: str, flow_run_id: str = "") -> M
     logger = get_run_logger()
     key = "conveyor-monitor-" + report.subject.split()[0].replace("_", "-")
     breaches = report.breaches
-    create_table_artifact(key=key, table=report.to_rows(),
-                          description=f"Monitoring of {report.subject}: {len(breaches)} of {len(report.checks)} checks breached")
+    create_table_artifact(
+        key=key,
+        table=report.to_rows(),
+        description=f"Monitoring of {report.subject}: "
+        f"{len(breaches)} of {len(report.checks)} checks breached",
+    )
     delivered = sent = 0
     if breaches:
         summary = "; ".join(f"{c.name} = {c.value:g} > {c.threshold:g}" for c in breaches)
@@ -51,19 +56,30 @@ def publish(report: MonitorReport, resource_id: str, flow_run_id: str = "") -> M
         emit_event(
             event=BREACH_EVENT,
             resource={"prefect.resource.id": resource_id, "prefect.resource.name": report.subject},
-            payload={"subject": report.subject, "flow_run_id": flow_run_id,
-                     "breaches": [{"check": c.name, "value": c.value, "threshold": c.threshold, "detail": c.detail}
-                                  for c in breaches]},
+            payload={
+                "subject": report.subject,
+                "flow_run_id": flow_run_id,
+                "breaches": [
+                    {"check": c.name, "value": c.value, "threshold": c.threshold, "detail": c.detail}
+                    for c in breaches
+                ],
+            },
         )
-        from flows.alerts import run_url
+        from conveyor.alerts import run_url
 
-        deliveries = send_alert(Alert(
-            kind="monitor.threshold",
-            title=f"{len(breaches)} monitoring thresholds breached for {report.subject}",
-            details={"subject": report.subject, "breaches": summary, "flow_run_id": flow_run_id,
-                     "url": run_url(flow_run_id) if flow_run_id else ""},
-            severity="warning",
-        ))
+        deliveries = send_alert(
+            Alert(
+                kind="monitor.threshold",
+                title=f"{len(breaches)} monitoring thresholds breached for {report.subject}",
+                details={
+                    "subject": report.subject,
+                    "breaches": summary,
+                    "flow_run_id": flow_run_id,
+                    "url": run_url(flow_run_id) if flow_run_id else "",
+                },
+                severity="warning",
+            )
+        )
         delivered, sent = sum(d.delivered for d in deliveries), len(deliveries)
     else:
         logger.info("monitor: %s passed %d checks", report.subject, len(report.checks))
@@ -81,8 +97,16 @@ def check_clean_run(store: Store, cleaned: CleanResult, model: str, thresholds: 
         silver_version = read_json(store, info).get("silver_version") if exists(store, info) else None
         if silver_version:
             training = monitor.training_profile(store, DATASET, silver_version, columns)
-    current = monitor.profile_dataset(store, cleaned.silver.url, DATASET, cleaned.silver.version, cleaned.rows_in,
-                                      cleaned.quarantine.rows, columns, reference=training)
+    current = monitor.profile_dataset(
+        store,
+        cleaned.silver.url,
+        DATASET,
+        cleaned.silver.version,
+        cleaned.rows_in,
+        cleaned.quarantine.rows,
+        columns,
+        reference=training,
+    )
     if previous is not None and previous.version == current.version:
         previous = None  # the same version again: nothing new to compare
     report = monitor.check_data(current, thresholds, previous, training)
@@ -91,23 +115,42 @@ def check_clean_run(store: Store, cleaned: CleanResult, model: str, thresholds: 
 
 
 @task(**task_options("monitor") | {"name": "monitor-data"})
-def monitor_data_task(address: str | None, storage_url: str, cleaned: CleanResult, model: str, thresholds: Thresholds,
-                      timeout_seconds: float = POLICIES["monitor"].timeout_seconds, flow_run_id: str = "",
-                      restart_workers: bool = True) -> MonitorOutcome:
-    from flows.training import open_store
-
-    report = run_stage("monitor", lambda client: check_clean_run(open_store(storage_url), cleaned, model, thresholds),
-                       address, timeout_seconds, restart_workers)
+def monitor_data_task(
+    address: str | None,
+    storage_url: str,
+    cleaned: CleanResult,
+    model: str,
+    thresholds: Thresholds,
+    timeout_seconds: float = POLICIES["monitor"].timeout_seconds,
+    flow_run_id: str = "",
+    restart_workers: bool = True,
+) -> MonitorOutcome:
+    report = run_stage(
+        "monitor",
+        lambda client: check_clean_run(open_store(storage_url), cleaned, model, thresholds),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
     return publish(report, f"conveyor.dataset.{DATASET}.{cleaned.silver.version}", flow_run_id)
 
 
 @task(**task_options("monitor") | {"name": "monitor-model"})
-def monitor_model_task(trained: TrainResult, evaluation: EvaluationResult, thresholds: Thresholds,
-                       flow_run_id: str = "") -> MonitorOutcome:
+def monitor_model_task(
+    trained: TrainResult, evaluation: EvaluationResult, thresholds: Thresholds, flow_run_id: str = ""
+) -> MonitorOutcome:
     from dataclasses import asdict
 
     champion = evaluation.champion
-    champion_metrics: dict[str, Any] | None = asdict(champion.metrics) if champion and champion.metrics else None
-    report = monitor.check_model(trained.model, trained.version, asdict(evaluation.metrics), champion_metrics,
-                                 champion.version if champion else None, thresholds)
+    champion_metrics: dict[str, Any] | None = (
+        asdict(champion.metrics) if champion and champion.metrics else None
+    )
+    report = monitor.check_model(
+        trained.model,
+        trained.version,
+        asdict(evaluation.metrics),
+        champion_metrics,
+        champion.version if champion else None,
+        thresholds,
+    )
     return publish(report, f"conveyor.model.{trained.model}.{trained.version}", flow_run_id)

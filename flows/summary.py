@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.clean import CleanResult
-from tasks.deploy import DeployResult
-from tasks.evaluate import EvaluationResult
-from tasks.ingest import IngestResult
-from tasks.train import TrainResult
+from conveyor.tasks.clean import CleanResult
+from conveyor.tasks.deploy import DeployResult
+from conveyor.tasks.evaluate import EvaluationResult
+from conveyor.tasks.ingest import IngestResult
+from conveyor.tasks.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,22 @@ class PipelineSummary:
     reused: list[str] = field(default_factory=list)  # stages whose committed output was found, not recomputed
     extra: dict[str, Any] = field(default_factory=dict)
     family: str = "gbtree"
-    search: dict[str, Any] = field(default_factory=dict)  # winner, candidates, parallelism, seconds (no leaderboard)
+    search: dict[str, Any] = field(
+        default_factory=dict
+    )  # winner, candidates, parallelism, seconds (no leaderboard)
 
     @classmethod
-    def build(cls, storage_url: str, ingested: IngestResult, cleaned: CleanResult, trained: TrainResult,
-              evaluation: EvaluationResult, deployed: DeployResult, seconds: dict[str, float],
-              flow_run_id: str = "") -> "PipelineSummary":
+    def build(
+        cls,
+        storage_url: str,
+        ingested: IngestResult,
+        cleaned: CleanResult,
+        trained: TrainResult,
+        evaluation: EvaluationResult,
+        deployed: DeployResult,
+        seconds: dict[str, float],
+        flow_run_id: str = "",
+    ) -> PipelineSummary:
         datasets = {}
         for t in ingested.tables.values():
             for ref in (t.bronze, t.quarantine):
@@ -81,10 +91,13 @@ class PipelineSummary:
             stage_seconds=seconds,
             flow_run_id=flow_run_id,
             family=trained.family,
-            search={k: v for k, v in trained.search.items() if k != "leaderboard"} | (
-                {"candidates": len(trained.search["leaderboard"])} if trained.search else {}),
-            reused=[stage for stage, result in (("ingest", ingested), ("clean", cleaned), ("train", trained))
-                    if result.reused],
+            search={k: v for k, v in trained.search.items() if k != "leaderboard"}
+            | ({"candidates": len(trained.search["leaderboard"])} if trained.search else {}),
+            reused=[
+                stage
+                for stage, result in (("ingest", ingested), ("clean", cleaned), ("train", trained))
+                if result.reused
+            ],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -95,19 +108,54 @@ class PipelineSummary:
         flights = self.datasets["bronze_flights"]["rows"] + self.datasets["quarantine/bronze_flights"]["rows"]
         rows = [
             ("flights read", f"{flights:,}"),
-            ("silver rows", f"{self.datasets['silver_flights']['rows']:,}  (version {self.datasets['silver_flights']['version']})"),
-            ("quarantined", f"{self.rows_quarantined:,}  " + "; ".join(f"{k}: {v:,}" for k, v in self.quarantine_reasons.items())),
-            ("model", f"{self.model} {self.model_version}  ({self.family} on {self.device}, "
-                      f"{self.best_iteration + 1} {'iterations' if self.family == 'linear' else 'rounds'})"),
-            *([("search", f"winner candidate {self.search['winner']} of {self.search['candidates']} "
-                          f"(validation {self.search['metric']}, {self.search['parallelism']} parallel slots, "
-                          f"{self.search['seconds']:.1f} s)")] if self.search else []),
-            ("holdout ROC AUC", f"{m['roc_auc']:.4f}  vs baseline {b['roc_auc']:.4f}  (lift {m['roc_auc'] - b['roc_auc']:+.4f})"),
+            (
+                "silver rows",
+                f"{self.datasets['silver_flights']['rows']:,}  "
+                f"(version {self.datasets['silver_flights']['version']})",
+            ),
+            (
+                "quarantined",
+                f"{self.rows_quarantined:,}  "
+                + "; ".join(f"{k}: {v:,}" for k, v in self.quarantine_reasons.items()),
+            ),
+            (
+                "model",
+                f"{self.model} {self.model_version}  ({self.family} on {self.device}, "
+                f"{self.best_iteration + 1} {'iterations' if self.family == 'linear' else 'rounds'})",
+            ),
+            *(
+                [
+                    (
+                        "search",
+                        f"winner candidate {self.search['winner']} of {self.search['candidates']} "
+                        f"(validation {self.search['metric']}, {self.search['parallelism']} parallel slots, "
+                        f"{self.search['seconds']:.1f} s)",
+                    )
+                ]
+                if self.search
+                else []
+            ),
+            (
+                "holdout ROC AUC",
+                f"{m['roc_auc']:.4f}  vs baseline {b['roc_auc']:.4f}  "
+                f"(lift {m['roc_auc'] - b['roc_auc']:+.4f})",
+            ),
             ("holdout log loss", f"{m['log_loss']:.4f}  vs baseline {b['log_loss']:.4f}"),
-            ("holdout F1", f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)"),
-            ("champion", f"{self.champion_before or '-'} -> {self.champion_after or '-'}  ({self.gate_reason})"),
+            (
+                "holdout F1",
+                f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)",
+            ),
+            (
+                "champion",
+                f"{self.champion_before or '-'} -> {self.champion_after or '-'}  ({self.gate_reason})",
+            ),
             ("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())),
-            ("reused", ", ".join(self.reused) + " (committed by an earlier run)" if self.reused else "nothing (all computed)"),
+            (
+                "reused",
+                ", ".join(self.reused) + " (committed by an earlier run)"
+                if self.reused
+                else "nothing (all computed)",
+            ),
             ("model folder", self.model_url),
         ]
         width = max(len(k) for k, _ in rows)

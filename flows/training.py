@@ -4,7 +4,7 @@ The flow owns the Dask cluster (or is given a scheduler address) and each stage
 is one Prefect task that connects a client to it for its partition-parallel
 work; tasks pass small typed results (URLs, versions, counts), never dataframes.
 
-    python -m flows.training --help
+    python -m conveyor.flows.training --help
 """
 
 from __future__ import annotations
@@ -13,71 +13,117 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from distributed import Client
 
-from flows.cluster import dask_cluster, quiet_dask_logs
-from flows.params import PipelineParams
-from flows.storage_settings import open_store, options_for
-from flows.alerts import mark_stage, on_cancellation, on_crashed, on_failure
-from flows.monitoring import monitor_data_task, monitor_model_task
-from flows.policy import POLICIES, policy_for, run_stage, task_options
-from flows.summary import PipelineSummary
-from tasks import clean as clean_stage
-from tasks import deploy as deploy_stage
-from tasks import evaluate as evaluate_stage
-from tasks import ingest as ingest_stage
-from tasks import search as search_stage
-from tasks import train as train_stage
-from tasks.clean import CleanResult
-from tasks.deploy import DeployResult, GateParams, get_alias
-from tasks.evaluate import EvaluationResult
-from tasks.ingest import IngestParams, IngestResult
-from tasks.search import SearchParams
-from tasks.train import SplitParams, TrainParams, TrainResult
-
-
-def dask_client(address: str) -> Client:
-    """A client to the flow's cluster, the default for dask calls inside the stage while open."""
-    return Client(address, timeout=60)
-
+from conveyor.alerts import mark_stage, on_cancellation, on_crashed, on_failure
+from conveyor.cluster import dask_cluster, quiet_dask_logs
+from conveyor.flows.monitoring import monitor_data_task, monitor_model_task
+from conveyor.flows.params import PipelineParams
+from conveyor.flows.summary import PipelineSummary
+from conveyor.policy import POLICIES, policy_for, run_stage, task_options
+from conveyor.resources import dask_client, open_store, options_for
+from conveyor.tasks import clean as clean_stage
+from conveyor.tasks import deploy as deploy_stage
+from conveyor.tasks import evaluate as evaluate_stage
+from conveyor.tasks import ingest as ingest_stage
+from conveyor.tasks import search as search_stage
+from conveyor.tasks import train as train_stage
+from conveyor.tasks.clean import CleanResult
+from conveyor.tasks.deploy import DeployResult, GateParams, get_alias
+from conveyor.tasks.evaluate import EvaluationResult
+from conveyor.tasks.ingest import IngestParams, IngestResult
+from conveyor.tasks.search import SearchParams
+from conveyor.tasks.train import SplitParams, TrainParams, TrainResult
 
 # Each stage task runs its body through run_stage: a Dask client of its own, stopped at the stage's limit.
 
+
 @task(**task_options("ingest"))
-def ingest_task(address: str, storage_url: str, source_url: str | None, params: IngestParams,
-                timeout_seconds: float = POLICIES["ingest"].timeout_seconds, restart_workers: bool = True) -> IngestResult:
-    return run_stage("ingest", lambda client: ingest_stage.ingest(open_store(storage_url), client, source_url, params,
-                                                                  options_for(source_url) if source_url else {}),
-                     address, timeout_seconds, restart_workers)
+def ingest_task(
+    address: str,
+    storage_url: str,
+    source_url: str | None,
+    params: IngestParams,
+    timeout_seconds: float = POLICIES["ingest"].timeout_seconds,
+    restart_workers: bool = True,
+) -> IngestResult:
+    return run_stage(
+        "ingest",
+        lambda client: ingest_stage.ingest(
+            open_store(storage_url), client, source_url, params, options_for(source_url) if source_url else {}
+        ),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
 
 
 @task(**task_options("clean"))
-def clean_task(address: str, storage_url: str, ingested: IngestResult,
-               timeout_seconds: float = POLICIES["clean"].timeout_seconds, restart_workers: bool = True) -> CleanResult:
-    return run_stage("clean", lambda client: clean_stage.clean(open_store(storage_url), ingested, client),
-                     address, timeout_seconds, restart_workers)
+def clean_task(
+    address: str,
+    storage_url: str,
+    ingested: IngestResult,
+    timeout_seconds: float = POLICIES["clean"].timeout_seconds,
+    restart_workers: bool = True,
+) -> CleanResult:
+    return run_stage(
+        "clean",
+        lambda client: clean_stage.clean(open_store(storage_url), ingested, client),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
 
 
 @task(**task_options("train"))
-def train_task(address: str, storage_url: str, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str,
-               timeout_seconds: float = POLICIES["train"].timeout_seconds, restart_workers: bool = True) -> TrainResult:
-    return run_stage("train", lambda client: train_stage.train(open_store(storage_url), cleaned, client, params, split, model),
-                     address, timeout_seconds, restart_workers)
+def train_task(
+    address: str,
+    storage_url: str,
+    cleaned: CleanResult,
+    params: TrainParams,
+    split: SplitParams,
+    model: str,
+    timeout_seconds: float = POLICIES["train"].timeout_seconds,
+    restart_workers: bool = True,
+) -> TrainResult:
+    return run_stage(
+        "train",
+        lambda client: train_stage.train(open_store(storage_url), cleaned, client, params, split, model),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
 
 
 @task(**task_options("train"))
-def search_task(address: str, storage_url: str, cleaned: CleanResult, search: SearchParams, params: TrainParams,
-                split: SplitParams, model: str, timeout_seconds: float = POLICIES["train"].timeout_seconds,
-                restart_workers: bool = True) -> TrainResult:
-    return run_stage("train", lambda client: search_stage.run_search(open_store(storage_url), cleaned, client, search,
-                                                                     params, split, model),
-                     address, timeout_seconds, restart_workers)
+def search_task(
+    address: str,
+    storage_url: str,
+    cleaned: CleanResult,
+    search: SearchParams,
+    params: TrainParams,
+    split: SplitParams,
+    model: str,
+    timeout_seconds: float = POLICIES["train"].timeout_seconds,
+    restart_workers: bool = True,
+) -> TrainResult:
+    return run_stage(
+        "train",
+        lambda client: search_stage.run_search(
+            open_store(storage_url), cleaned, client, search, params, split, model
+        ),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
 
 
-def _evaluate(client: Client, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams) -> EvaluationResult:
+def _evaluate(
+    client: Client, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams
+) -> EvaluationResult:
     store = open_store(storage_url)
     champion = get_alias(store, trained.model)
     champion_version = champion["version"] if champion else None
@@ -86,17 +132,39 @@ def _evaluate(client: Client, storage_url: str, cleaned: CleanResult, trained: T
 
 
 @task(**task_options("evaluate"))
-def evaluate_task(address: str, storage_url: str, cleaned: CleanResult, trained: TrainResult, split: SplitParams,
-                  timeout_seconds: float = POLICIES["evaluate"].timeout_seconds, restart_workers: bool = True) -> EvaluationResult:
-    return run_stage("evaluate", lambda client: _evaluate(client, storage_url, cleaned, trained, split),
-                     address, timeout_seconds, restart_workers)
+def evaluate_task(
+    address: str,
+    storage_url: str,
+    cleaned: CleanResult,
+    trained: TrainResult,
+    split: SplitParams,
+    timeout_seconds: float = POLICIES["evaluate"].timeout_seconds,
+    restart_workers: bool = True,
+) -> EvaluationResult:
+    return run_stage(
+        "evaluate",
+        lambda client: _evaluate(client, storage_url, cleaned, trained, split),
+        address,
+        timeout_seconds,
+        restart_workers,
+    )
 
 
 @task(**task_options("deploy"))
-def deploy_task(storage_url: str, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult,
-                gate: GateParams, timeout_seconds: float = POLICIES["deploy"].timeout_seconds) -> DeployResult:
-    return run_stage("deploy", lambda _: deploy_stage.deploy(open_store(storage_url), cleaned, trained, evaluation, gate),
-                     None, timeout_seconds)
+def deploy_task(
+    storage_url: str,
+    cleaned: CleanResult,
+    trained: TrainResult,
+    evaluation: EvaluationResult,
+    gate: GateParams,
+    timeout_seconds: float = POLICIES["deploy"].timeout_seconds,
+) -> DeployResult:
+    return run_stage(
+        "deploy",
+        lambda _: deploy_stage.deploy(open_store(storage_url), cleaned, trained, evaluation, gate),
+        None,
+        timeout_seconds,
+    )
 
 
 def cluster_has_gpus(address: str) -> bool:
@@ -107,7 +175,10 @@ def cluster_has_gpus(address: str) -> bool:
 
 def run_versions(ingested: IngestResult, cleaned: CleanResult, trained: TrainResult) -> list[str]:
     """The ``kind/name/version`` of everything this run committed (or reused)."""
-    refs = [r for t in ingested.tables.values() for r in (t.bronze, t.quarantine)] + [cleaned.silver, cleaned.quarantine]
+    refs = [r for t in ingested.tables.values() for r in (t.bronze, t.quarantine)] + [
+        cleaned.silver,
+        cleaned.quarantine,
+    ]
     rels = [f"{'quarantine' if '/quarantine/' in r.url else 'datasets'}/{r.name}/{r.version}" for r in refs]
     return rels + [f"models/{trained.model}/{trained.version}"]
 
@@ -115,7 +186,7 @@ def run_versions(ingested: IngestResult, cleaned: CleanResult, trained: TrainRes
 @task(**task_options("replicate"))
 def replicate_task(storage_url: str, replica_urls: list[str], rels: list[str]) -> dict[str, dict[str, int]]:
     """Copy the run's versions to every replica root, verified; fail loudly if any copy does not verify."""
-    from tasks.maintenance import replicate
+    from conveyor.store.maintenance import replicate
 
     reports = replicate(open_store(storage_url), [open_store(u) for u in replica_urls], rels)
     failed = {root: r.failed for root, r in reports.items() if not r.ok}
@@ -126,7 +197,7 @@ def replicate_task(storage_url: str, replica_urls: list[str], rels: list[str]) -
 
 
 def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
-    """The stages, in order, on the Dask cluster at ``address``, each under its policy (flows/policy.py)."""
+    """The stages, in order, on the Dask cluster at ``address``, each under its policy (conveyor.policy)."""
     logger = get_run_logger()
     url = open_store(params.storage_url).root
     split = params.split_params()
@@ -139,8 +210,10 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
 
     def stage(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         policy = policy_for(name, params.stage_timeouts, params.retry_backoff_seconds)
-        configured = fn.with_options(**task_options(name, params.stage_timeouts, params.retry_backoff_seconds, gpu=gpu)
-                                     | {"name": fn.name})
+        configured = fn.with_options(
+            **task_options(name, params.stage_timeouts, params.retry_backoff_seconds, gpu=gpu)
+            | {"name": fn.name}
+        )
         mark_stage(run_id, name)
         started = time.perf_counter()
         result = configured.submit(*args, timeout_seconds=policy.timeout_seconds, **kwargs).result()
@@ -148,33 +221,87 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
         return result
 
     t0 = time.perf_counter()
-    ingested = stage("ingest", ingest_task, address, url, params.source_url, params.ingest_params(), restart_workers=owned)
-    logger.info("ingest: %s flights read, %s quarantined", ingested.tables["flights"].rows_read, ingested.rows_quarantined)
+    ingested = stage(
+        "ingest", ingest_task, address, url, params.source_url, params.ingest_params(), restart_workers=owned
+    )
+    logger.info(
+        "ingest: %s flights read, %s quarantined",
+        ingested.tables["flights"].rows_read,
+        ingested.rows_quarantined,
+    )
     cleaned = stage("clean", clean_task, address, url, ingested, restart_workers=owned)
-    logger.info("clean: %s silver rows, %s quarantined %s", cleaned.silver.rows, cleaned.quarantine.rows,
-                cleaned.quarantine_reasons)
-    data_check = stage("monitor", monitor_data_task, address, url, cleaned, params.model, thresholds, flow_run_id=run_id,
-                       restart_workers=owned)
+    logger.info(
+        "clean: %s silver rows, %s quarantined %s",
+        cleaned.silver.rows,
+        cleaned.quarantine.rows,
+        cleaned.quarantine_reasons,
+    )
+    data_check = stage(
+        "monitor",
+        monitor_data_task,
+        address,
+        url,
+        cleaned,
+        params.model,
+        thresholds,
+        flow_run_id=run_id,
+        restart_workers=owned,
+    )
     if params.search is not None:
-        trained = stage("train", search_task, address, url, cleaned, params.search.to_params(),
-                        params.training.to_params(), split, params.model, restart_workers=owned)
+        trained = stage(
+            "train",
+            search_task,
+            address,
+            url,
+            cleaned,
+            params.search.to_params(),
+            params.training.to_params(),
+            split,
+            params.model,
+            restart_workers=owned,
+        )
         _publish_leaderboard(params.model, trained)
     else:
-        trained = stage("train", train_task, address, url, cleaned, params.training.to_params(), split, params.model,
-                        restart_workers=owned)
-    logger.info("train: %s model %s on %s (%s rounds, valid AUC %.4f)", trained.family, trained.version,
-                trained.device, trained.best_iteration + 1, trained.valid_auc)
-    evaluation = stage("evaluate", evaluate_task, address, url, cleaned, trained, split, restart_workers=owned)
-    logger.info("evaluate: holdout AUC %.4f vs baseline %.4f", evaluation.metrics.roc_auc, evaluation.baseline.roc_auc)
+        trained = stage(
+            "train",
+            train_task,
+            address,
+            url,
+            cleaned,
+            params.training.to_params(),
+            split,
+            params.model,
+            restart_workers=owned,
+        )
+    logger.info(
+        "train: %s model %s on %s (%s rounds, valid AUC %.4f)",
+        trained.family,
+        trained.version,
+        trained.device,
+        trained.best_iteration + 1,
+        trained.valid_auc,
+    )
+    evaluation = stage(
+        "evaluate", evaluate_task, address, url, cleaned, trained, split, restart_workers=owned
+    )
+    logger.info(
+        "evaluate: holdout AUC %.4f vs baseline %.4f", evaluation.metrics.roc_auc, evaluation.baseline.roc_auc
+    )
     model_check = monitor_model_task.submit(trained, evaluation, thresholds, flow_run_id=run_id).result()
     deployed = stage("deploy", deploy_task, url, cleaned, trained, evaluation, params.gate_params())
     logger.info("deploy: %s (%s)", "promoted" if deployed.promoted else "kept the champion", deployed.reason)
-    replicas = replicate_task(url, params.replicas, run_versions(ingested, cleaned, trained)) if params.replicas else {}
+    replicas = (
+        replicate_task(url, params.replicas, run_versions(ingested, cleaned, trained))
+        if params.replicas
+        else {}
+    )
     seconds.pop("monitor", None)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     mark_stage(run_id, None)
 
-    summary = PipelineSummary.build(url, ingested, cleaned, trained, evaluation, deployed, seconds, flow_run_id=run_id)
+    summary = PipelineSummary.build(
+        url, ingested, cleaned, trained, evaluation, deployed, seconds, flow_run_id=run_id
+    )
     summary.extra["monitor_breaches"] = data_check.breaches + model_check.breaches
     if replicas:
         summary.extra["replicas"] = replicas
@@ -183,31 +310,57 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
 
 
 def _publish_leaderboard(model: str, trained: TrainResult) -> None:
-    from tasks.search import SearchSummary
+    from conveyor.tasks.search import SearchSummary
 
     record = trained.search
     summary = SearchSummary.of(record)
-    get_run_logger().info("search: %d candidates in %d parallel slots (%.1f s%s); winner candidate %s (%s, valid %s %.4f)",
-                          len(summary.rows), record["parallelism"], record["seconds"],
-                          ", reused" if trained.reused else "", record["winner"], trained.family, record["metric"],
-                          trained.valid_auc if record["metric"] == "auc" else trained.valid_logloss)
-    create_table_artifact(key=f"{model.replace('_', '-')}-leaderboard", table=summary.rows,
-                          description=f"Search {record['version']}: candidates ranked by validation {record['metric']} "
-                                      "(the holdout is not used to choose)")
+    get_run_logger().info(
+        "search: %d candidates in %d parallel slots (%.1f s%s); winner candidate %s (%s, valid %s %.4f)",
+        len(summary.rows),
+        record["parallelism"],
+        record["seconds"],
+        ", reused" if trained.reused else "",
+        record["winner"],
+        trained.family,
+        record["metric"],
+        trained.valid_auc if record["metric"] == "auc" else trained.valid_logloss,
+    )
+    create_table_artifact(
+        key=f"{model.replace('_', '-')}-leaderboard",
+        table=summary.rows,
+        description=f"Search {record['version']}: candidates ranked by validation {record['metric']} "
+        "(the holdout is not used to choose)",
+    )
 
 
-def _publish_artifacts(summary: PipelineSummary, evaluation: EvaluationResult, deployed: DeployResult) -> None:
+def _publish_artifacts(
+    summary: PipelineSummary, evaluation: EvaluationResult, deployed: DeployResult
+) -> None:
     key = summary.model.replace("_", "-")
-    verdict = f"**Deploy:** {'promoted to champion' if deployed.promoted else 'champion kept'} ({deployed.reason})"
-    create_markdown_artifact(key=f"{key}-report", markdown=f"{deployed.report_markdown or evaluation.report_markdown}\n\n{verdict}",
-                             description=f"Evaluation of {summary.model} {summary.model_version}")
-    rows = [{"metric": k, "model": v, "baseline": asdict(evaluation.baseline)[k]}
-            for k, v in asdict(evaluation.metrics).items() if isinstance(v, float)]
-    create_table_artifact(key=f"{key}-metrics", table=rows, description="Holdout metrics, model vs naive baseline")
+    verdict = (
+        f"**Deploy:** {'promoted to champion' if deployed.promoted else 'champion kept'} ({deployed.reason})"
+    )
+    create_markdown_artifact(
+        key=f"{key}-report",
+        markdown=f"{deployed.report_markdown or evaluation.report_markdown}\n\n{verdict}",
+        description=f"Evaluation of {summary.model} {summary.model_version}",
+    )
+    rows = [
+        {"metric": k, "model": v, "baseline": asdict(evaluation.baseline)[k]}
+        for k, v in asdict(evaluation.metrics).items()
+        if isinstance(v, float)
+    ]
+    create_table_artifact(
+        key=f"{key}-metrics", table=rows, description="Holdout metrics, model vs naive baseline"
+    )
 
 
-@flow(name="conveyor-training", on_failure=[on_failure], on_crashed=[on_crashed],
-      on_cancellation=[on_cancellation])
+@flow(
+    name="conveyor-training",
+    on_failure=[on_failure],
+    on_crashed=[on_crashed],
+    on_cancellation=[on_cancellation],
+)
 def training(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     """Train, evaluate and (if it passes the gate) promote the flight-delay model.
 
@@ -219,6 +372,6 @@ def training(params: PipelineParams = PipelineParams()) -> PipelineSummary:
 
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from conveyor.launch import flow_main
 
-    raise SystemExit(main(["run", *__import__("sys").argv[1:]]))
+    raise SystemExit(flow_main(training, PipelineParams))

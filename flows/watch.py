@@ -1,9 +1,10 @@
-"""Watch a source URL; when its files change, emit ``conveyor.dataset.landed`` for the event-driven deployment.
+"""Watch a source URL; when its files change, emit ``conveyor.dataset.landed`` for the event-driven
+deployment.
 
 The last fingerprint seen is kept under the storage root (``watch/<hash>.json``),
 so the watcher is stateless between runs and works on any fsspec store.
 
-    python -m flows.watch SOURCE_URL [--storage-url URL]
+    python -m conveyor.flows.watch SOURCE_URL [--storage-url URL]
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from flows.params import DEFAULT_STORAGE
-from flows.storage_settings import open_store, options_for
-from tasks.storage import exists, read_json, write_json_atomic
+from conveyor.resources import open_store, options_for
+from conveyor.settings import DEFAULT_STORAGE
+from conveyor.store.storage import exists, read_json, write_json_atomic
 
 LANDED = "conveyor.dataset.landed"
 
@@ -51,10 +52,15 @@ def watch_source(source_url: str, storage_url: str = DEFAULT_STORAGE) -> WatchRe
     previous = read_json(store, state_url)["fingerprint"] if exists(store, state_url) else None
     changed = current != previous
     if changed:
-        emit_event(event=LANDED, resource={"prefect.resource.id": source_url, "conveyor.fingerprint": current},
-                   payload={"files": files, "previous": previous})
+        emit_event(
+            event=LANDED,
+            resource={"prefect.resource.id": source_url, "conveyor.fingerprint": current},
+            payload={"files": files, "previous": previous},
+        )
         logger.info("%s changed (%d files, fingerprint %s): emitted %s", source_url, files, current, LANDED)
-        write_json_atomic(store, state_url, {"source_url": source_url, "fingerprint": current, "files": files})
+        write_json_atomic(
+            store, state_url, {"source_url": source_url, "fingerprint": current, "files": files}
+        )
     else:
         logger.info("%s unchanged (%d files)", source_url, files)
     return WatchResult(source_url, current, changed, files)

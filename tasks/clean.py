@@ -10,17 +10,16 @@ departure: the schedule, carrier, route, aircraft and weather at the origin.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from tasks.ingest import REASON, IngestResult
-from tasks.schema import POST_DEPARTURE
-from tasks.storage import (
+from conveyor.store.storage import (
     DatasetRef,
     StorageError,
     Store,
@@ -33,12 +32,24 @@ from tasks.storage import (
     read_dataset,
     read_dataset_pandas,
 )
+from conveyor.tasks.ingest import REASON, IngestResult
+from conveyor.tasks.schema import POST_DEPARTURE
 
 LATE_MINUTES = 15
 LABEL = "is_late"
 TIME_KEY = "sched_dep"
 CATEGORICAL = ("carrier", "origin", "dest")
-WEATHER_FEATURES = ("temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib")
+WEATHER_FEATURES = (
+    "temp",
+    "dewp",
+    "humid",
+    "wind_dir",
+    "wind_speed",
+    "wind_gust",
+    "precip",
+    "pressure",
+    "visib",
+)
 PLANE_FEATURES = ("plane_age", "seats", "engines")
 FEATURES = (
     "month",
@@ -55,8 +66,20 @@ FEATURES = (
 )
 assert not POST_DEPARTURE & set(FEATURES), "a post-departure column is listed as a feature"
 
-REQUIRED = ("year", "month", "day", "sched_dep_time", "sched_arr_time", "carrier", "origin", "dest",
-            "distance", "hour", "minute", "time_hour")
+REQUIRED = (
+    "year",
+    "month",
+    "day",
+    "sched_dep_time",
+    "sched_arr_time",
+    "carrier",
+    "origin",
+    "dest",
+    "distance",
+    "hour",
+    "minute",
+    "time_hour",
+)
 
 
 def _hhmm_ok(v: pd.Series) -> pd.Series:
@@ -64,7 +87,7 @@ def _hhmm_ok(v: pd.Series) -> pd.Series:
 
 
 # (reason, predicate that is True for rows that pass); nulls in required fields are checked first.
-RULES: tuple[tuple[str, Callable[[pd.DataFrame, "Dimensions"], pd.Series]], ...] = (
+RULES: tuple[tuple[str, Callable[[pd.DataFrame, Dimensions], pd.Series]], ...] = (
     ("arr_delay is missing: cancelled or diverted flight, no label", lambda d, _: d["arr_delay"].notna()),
     ("month outside 1..12", lambda d, _: d["month"].between(1, 12)),
     ("day outside 1..31", lambda d, _: d["day"].between(1, 31)),
@@ -76,7 +99,10 @@ RULES: tuple[tuple[str, Callable[[pd.DataFrame, "Dimensions"], pd.Series]], ...]
     ("arr_delay outside -180..2000 minutes", lambda d, _: d["arr_delay"].between(-180, 2000)),
     ("carrier not in the airlines table", lambda d, dims: d["carrier"].isin(dims.carriers)),
     ("origin not in the airports table", lambda d, dims: d["origin"].isin(dims.airports)),
-    ("dest is not a 3-character airport code", lambda d, _: d["dest"].str.fullmatch(r"[A-Z0-9]{3}").fillna(False)),
+    (
+        "dest is not a 3-character airport code",
+        lambda d, _: d["dest"].str.fullmatch(r"[A-Z0-9]{3}").fillna(False),
+    ),
 )
 
 
@@ -126,7 +152,9 @@ def _row_hash(part: pd.DataFrame, partition_info: dict | None = None) -> pd.Data
 
 def find_duplicates(flights: dd.DataFrame) -> set[tuple[int, int]]:
     """(partition, position) of every exact duplicate after its first occurrence."""
-    hashes = flights.map_partitions(_row_hash, meta={"h": "uint64", "partition": "int64", "position": "int64"})
+    hashes = flights.map_partitions(
+        _row_hash, meta={"h": "uint64", "partition": "int64", "position": "int64"}
+    )
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         counts = hashes["h"].value_counts(split_out=max(1, flights.npartitions // 4))
         repeated = counts[counts > 1].compute()
@@ -135,10 +163,12 @@ def find_duplicates(flights: dd.DataFrame) -> set[tuple[int, int]]:
     repeated_set = set(repeated.index.tolist())
     rows = hashes[hashes["h"].isin(repeated_set)].compute().sort_values(["h", "partition", "position"])
     later = rows[rows.duplicated("h", keep="first")]
-    return set(zip(later["partition"].tolist(), later["position"].tolist()))
+    return set(zip(later["partition"].tolist(), later["position"].tolist(), strict=False))
 
 
-def _mark(part: pd.DataFrame, dims: Dimensions, duplicates: set[tuple[int, int]], partition_info: dict | None = None) -> pd.DataFrame:
+def _mark(
+    part: pd.DataFrame, dims: Dimensions, duplicates: set[tuple[int, int]], partition_info: dict | None = None
+) -> pd.DataFrame:
     pid = partition_info["number"] if partition_info else 0
     reason = reasons_for(part, dims)
     if duplicates:
@@ -153,7 +183,8 @@ def build_features(flights: pd.DataFrame, dims: Dimensions) -> pd.DataFrame:
     dep_min = (f["sched_dep_time"] // 100) * 60 + f["sched_dep_time"] % 100
     arr_min = (f["sched_arr_time"] // 100) * 60 + f["sched_arr_time"] % 100
     local_day = pd.to_datetime(
-        pd.DataFrame({"year": f["year"], "month": f["month"], "day": f["day"]}).astype("int64"), errors="coerce"
+        pd.DataFrame({"year": f["year"], "month": f["month"], "day": f["day"]}).astype("int64"),
+        errors="coerce",
     )
     out = pd.DataFrame(
         {
@@ -175,7 +206,9 @@ def build_features(flights: pd.DataFrame, dims: Dimensions) -> pd.DataFrame:
     )
     out = out.merge(dims.weather, how="left", left_on=["origin", TIME_KEY], right_on=["origin", "time_hour"])
     out = out.merge(dims.planes, how="left", on="tailnum")
-    out["plane_age"] = (f["year"].to_numpy(dtype="float64") - out.pop("plane_year").to_numpy(dtype="float64")).astype("float32")
+    out["plane_age"] = (
+        f["year"].to_numpy(dtype="float64") - out.pop("plane_year").to_numpy(dtype="float64")
+    ).astype("float32")
     out[LABEL] = (f["arr_delay"].to_numpy() > LATE_MINUTES).astype("int8")
     for col in WEATHER_FEATURES:
         out[col] = out[col].astype("float32")
@@ -203,10 +236,15 @@ def load_dimensions(store: Store, ingested: IngestResult) -> Dimensions:
 
 def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
     flights_in = ingested.tables["flights"].bronze
-    version = content_version("clean", {k: v.bronze.version for k, v in ingested.tables.items()}, code_version("clean"))
+    version = content_version(
+        "clean", {k: v.bronze.version for k, v in ingested.tables.items()}, code_version("clean")
+    )
     silver_url = store.dataset_url("silver_flights", version)
     q_url = store.quarantine_url("silver_flights", version)
-    done, q_done = committed(store, "silver_flights", version), committed(store, "silver_flights", version, q_url)
+    done, q_done = (
+        committed(store, "silver_flights", version),
+        committed(store, "silver_flights", version, q_url),
+    )
     if done is not None and q_done is not None:
         return dataclasses.replace(_result(store, done, q_done, flights_in.rows), reused=True)
 
@@ -222,8 +260,13 @@ def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
 
     for target in (silver_url, q_url):
         clear_version(store, target)
-    write = dict(write_index=False, storage_options=store.options, compute=False, write_metadata_file=False,
-                 name_function=lambda i: f"part-{i:05d}.parquet")
+    write = {
+        "write_index": False,
+        "storage_options": store.options,
+        "compute": False,
+        "write_metadata_file": False,
+        "name_function": lambda i: f"part-{i:05d}.parquet",
+    }
     dask.compute(features.to_parquet(silver_url, **write), rejected.to_parquet(q_url, **write))
 
     silver_parts = dd.read_parquet(silver_url, columns=list(CATEGORICAL), storage_options=store.options)
@@ -232,8 +275,13 @@ def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
     categories["carrier"] = sorted(set(categories["carrier"]) | set(dims.carriers))
     lineage = {"bronze": {k: v.bronze.version for k, v in ingested.tables.items()}}
     q = commit_dataset(store, "silver_flights", version, q_url, lineage | {"of": "silver_flights"})
-    extra = {"features": list(FEATURES), "label": LABEL, "time_key": TIME_KEY, "categories": categories,
-             "late_minutes": LATE_MINUTES}
+    extra = {
+        "features": list(FEATURES),
+        "label": LABEL,
+        "time_key": TIME_KEY,
+        "categories": categories,
+        "late_minutes": LATE_MINUTES,
+    }
     silver = commit_dataset(store, "silver_flights", version, silver_url, lineage, extra=extra)
     return _result(store, silver, q, flights_in.rows)
 
@@ -241,7 +289,8 @@ def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
 def _result(store: Store, silver: DatasetRef, q: DatasetRef, rows_in: int) -> CleanResult:
     if rows_in != silver.rows + q.rows:
         raise StorageError(
-            f"clean lost rows: {rows_in} in, {silver.rows} silver + {q.rows} quarantined = {silver.rows + q.rows}"
+            f"clean lost rows: {rows_in} in, {silver.rows} silver + {q.rows} quarantined "
+            f"= {silver.rows + q.rows}"
         )
     reasons: dict[str, int] = {}
     if q.rows:

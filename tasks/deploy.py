@@ -1,7 +1,7 @@
 """Deploy: register a model version and promote it to champion only if it passes the gate.
 
 The registry (versions, aliases, history, compare-and-swap) lives in
-``tasks/registry.py``; this module decides *whether* to promote. The gate
+``conveyor/store/registry.py``; this module decides *whether* to promote. The gate
 compares the challenger with the champion scored on the same holdout
 (``tasks/evaluate.py``): the chosen metric must be at least the champion's
 minus a tolerance, and no guard metric (calibration, F1, ...) may regress past
@@ -15,11 +15,9 @@ import os
 import platform
 import posixpath
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from tasks.clean import CleanResult
-from tasks.evaluate import EvaluationResult
-from tasks.registry import (  # noqa: F401  (re-exported: callers import these from tasks.deploy)
+from conveyor.store.registry import (  # noqa: F401  (re-exported: callers import these from conveyor.tasks.deploy)
     CARD,
     CHAMPION,
     AliasConflict,
@@ -29,8 +27,10 @@ from tasks.registry import (  # noqa: F401  (re-exported: callers import these f
     register_card,
     set_alias,
 )
-from tasks.storage import Store, code_version, write_bytes_atomic
-from tasks.train import TrainResult
+from conveyor.store.storage import Store, code_version, write_bytes_atomic
+from conveyor.tasks.clean import CleanResult
+from conveyor.tasks.evaluate import EvaluationResult
+from conveyor.tasks.train import TrainResult
 
 HIGHER_IS_BETTER = frozenset({"roc_auc", "accuracy", "precision", "recall", "f1"})
 LOWER_IS_BETTER = frozenset({"log_loss", "brier", "calibration_error"})
@@ -48,7 +48,9 @@ class GateParams:
     def __post_init__(self) -> None:
         for name in (self.metric, *self.guards):
             if name not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
-                raise ValueError(f"gate metric {name!r} is not one of {sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)}")
+                raise ValueError(
+                    f"gate metric {name!r} is not one of {sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)}"
+                )
         for name, limit in self.guards.items():
             if limit < 0:
                 raise ValueError(f"gate guard {name!r}: the allowed regression must be >= 0, not {limit}")
@@ -88,7 +90,8 @@ class DeployResult:
 
 
 def regression(metric: str, challenger: float, reference: float) -> float:
-    """How much worse the challenger is than the reference (negative: better), whatever the metric's direction."""
+    """How much worse the challenger is than the reference (negative: better), whatever the metric's
+    direction."""
     return reference - challenger if metric in HIGHER_IS_BETTER else challenger - reference
 
 
@@ -97,7 +100,7 @@ def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluatio
     card = {
         "model": trained.model,
         "version": trained.version,
-        "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "metrics": asdict(evaluation.metrics),
         "baseline": {"name": evaluation.baseline_name, "metrics": asdict(evaluation.baseline)},
@@ -112,10 +115,19 @@ def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluatio
         "categories": trained.categories,
         "datasets": {"silver": cleaned.silver.version, "silver_url": cleaned.silver.url},
         "split": trained.split,
-        "training": {"rows": trained.train_rows, "valid_rows": trained.valid_rows, "seconds": trained.seconds,
-                     "device": trained.device, "host": platform.machine()},
-        "hardware": {"device": trained.device, "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "python": platform.python_version()},
+        "training": {
+            "rows": trained.train_rows,
+            "valid_rows": trained.valid_rows,
+            "seconds": trained.seconds,
+            "device": trained.device,
+            "host": platform.machine(),
+        },
+        "hardware": {
+            "device": trained.device,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "plots": evaluation.plots,
     }
     return register_card(store, trained.model, trained.version, card)
@@ -128,39 +140,75 @@ def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
     if params.must_beat_baseline:
         base = getattr(evaluation.baseline, params.metric)
         ok = regression(params.metric, ours, base) < 0
-        checks.append(GateCheck("baseline", params.metric, ours, base, 0.0, ok,
-                                f"{params.metric} {ours:.4f} {'beats' if ok else 'does not beat'} the baseline's {base:.4f}"))
+        checks.append(
+            GateCheck(
+                "baseline",
+                params.metric,
+                ours,
+                base,
+                0.0,
+                ok,
+                f"{params.metric} {ours:.4f} {'beats' if ok else 'does not beat'} the baseline's {base:.4f}",
+            )
+        )
     champ = evaluation.champion
     if champ is None or champ.metrics is None:
         failed = [c.detail for c in checks if not c.passed]
         if failed:
             return GateDecision(False, failed[0], checks)
         if champ is None:
-            return GateDecision(True, f"no champion yet; {params.metric} {ours:.4f} beats the baseline", checks)
-        return GateDecision(False, f"champion {champ.version} could not be scored on this holdout ({champ.note}); "
-                                   "keeping it", checks)
+            return GateDecision(
+                True, f"no champion yet; {params.metric} {ours:.4f} beats the baseline", checks
+            )
+        return GateDecision(
+            False,
+            f"champion {champ.version} could not be scored on this holdout ({champ.note}); keeping it",
+            checks,
+        )
     theirs = getattr(champ.metrics, params.metric)
     ok = regression(params.metric, ours, theirs) <= params.tolerance
     cmp = ">=" if ok else "<"
     if params.metric in LOWER_IS_BETTER:
         cmp = "<=" if ok else ">"
     sign = "-" if params.metric in HIGHER_IS_BETTER else "+"
-    checks.append(GateCheck("metric", params.metric, ours, theirs, params.tolerance, ok,
-                            f"{params.metric} {ours:.4f} {cmp} champion {champ.version}'s {theirs:.4f} "
-                            f"{sign} tolerance {params.tolerance}"))
+    checks.append(
+        GateCheck(
+            "metric",
+            params.metric,
+            ours,
+            theirs,
+            params.tolerance,
+            ok,
+            f"{params.metric} {ours:.4f} {cmp} champion {champ.version}'s {theirs:.4f} "
+            f"{sign} tolerance {params.tolerance}",
+        )
+    )
     for name, limit in params.guards.items():
         mine, ref = getattr(evaluation.metrics, name), getattr(champ.metrics, name)
         worse = regression(name, mine, ref)
         passed = worse <= limit
-        checks.append(GateCheck("guard", name, mine, ref, limit, passed,
-                                f"guard {name} {mine:.4f} vs champion {champ.version}'s {ref:.4f}: "
-                                f"{'worse' if worse > 0 else 'no worse'} by {max(worse, 0.0):.4f} (limit {limit})"))
+        checks.append(
+            GateCheck(
+                "guard",
+                name,
+                mine,
+                ref,
+                limit,
+                passed,
+                f"guard {name} {mine:.4f} vs champion {champ.version}'s {ref:.4f}: "
+                f"{'worse' if worse > 0 else 'no worse'} by {max(worse, 0.0):.4f} (limit {limit})",
+            )
+        )
     failed = [c for c in checks if not c.passed]
     if failed:
         return GateDecision(False, "; ".join(c.detail for c in failed), checks)
     # Every check is listed (the report shows them all); the metric check's wording leads a pass.
-    return GateDecision(True, checks[-len(params.guards) - 1].detail
-                        + (f"; guards within limits ({', '.join(params.guards)})" if params.guards else ""), checks)
+    return GateDecision(
+        True,
+        checks[-len(params.guards) - 1].detail
+        + (f"; guards within limits ({', '.join(params.guards)})" if params.guards else ""),
+        checks,
+    )
 
 
 def gate(evaluation: EvaluationResult, params: GateParams) -> tuple[bool, str]:
@@ -171,35 +219,64 @@ def gate(evaluation: EvaluationResult, params: GateParams) -> tuple[bool, str]:
 
 def render_gate(decision: GateDecision, version: str, promoted: bool) -> str:
     """The gate section of report.md: each check side by side, and the verdict in words."""
-    lines = ["## Deploy gate", "",
-             "| check | metric | challenger | reference | allowed shortfall | result |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Deploy gate",
+        "",
+        "| check | metric | challenger | reference | allowed shortfall | result |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in decision.checks:
         ref = "" if c.reference is None else f"{c.reference:.4f}"
-        lines.append(f"| {c.name} | {c.metric} | {c.challenger:.4f} | {ref} | {c.limit:g} | "
-                     f"{'pass' if c.passed else '**FAIL**'} |")
+        lines.append(
+            f"| {c.name} | {c.metric} | {c.challenger:.4f} | {ref} | {c.limit:g} | "
+            f"{'pass' if c.passed else '**FAIL**'} |"
+        )
     verdict = f"promoted {version} to champion" if promoted else f"{version} was NOT promoted"
     lines += ["", f"**Verdict:** {verdict}: {decision.reason}"]
     return "\n".join(lines)
 
 
-def deploy(store: Store, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult,
-           params: GateParams = GateParams()) -> DeployResult:
+def deploy(
+    store: Store,
+    cleaned: CleanResult,
+    trained: TrainResult,
+    evaluation: EvaluationResult,
+    params: GateParams = GateParams(),
+) -> DeployResult:
     card_url = register(store, cleaned, trained, evaluation)
     before = read_alias(store, trained.model)
     before_version = before.version if before else None
     if before_version == trained.version:
-        return DeployResult(trained.model, trained.version, card_url, False, before_version, before_version,
-                            "already the champion")
+        return DeployResult(
+            trained.model,
+            trained.version,
+            card_url,
+            False,
+            before_version,
+            before_version,
+            "already the champion",
+        )
     evaluated_against = evaluation.champion.version if evaluation.champion else None
     if evaluated_against != before_version:
-        decision = GateDecision(False, f"the champion is {before_version} but the challenger was evaluated against "
-                                       f"{evaluated_against}; re-evaluate on the same holdout before promoting")
+        decision = GateDecision(
+            False,
+            f"the champion is {before_version} but the challenger was evaluated against "
+            f"{evaluated_against}; re-evaluate on the same holdout before promoting",
+        )
     else:
         decision = decide(evaluation, params)
     promoted, reason = decision.promote, decision.reason
     if promoted:
         try:
-            set_alias(store, trained.model, CHAMPION, trained.version, reason, expected=before_version, action="promote")
+            set_alias(
+                store,
+                trained.model,
+                CHAMPION,
+                trained.version,
+                reason,
+                expected=before_version,
+                action="promote",
+            )
         except AliasConflict as exc:
             promoted, reason = False, f"lost a concurrent promotion: {exc}"
     after = trained.version if promoted else before_version
@@ -207,5 +284,14 @@ def deploy(store: Store, cleaned: CleanResult, trained: TrainResult, evaluation:
     if not promoted and reason != decision.reason:
         report += f"\n\n{reason}"
     write_bytes_atomic(store, posixpath.join(trained.model_url, "report.md"), report.encode())
-    return DeployResult(trained.model, trained.version, card_url, promoted, before_version, after, reason,
-                        decision.checks, report)
+    return DeployResult(
+        trained.model,
+        trained.version,
+        card_url,
+        promoted,
+        before_version,
+        after,
+        reason,
+        decision.checks,
+        report,
+    )

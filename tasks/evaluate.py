@@ -18,9 +18,17 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from tasks.clean import LABEL, CleanResult
-from tasks.storage import Store, write_bytes_atomic, write_json_atomic
-from tasks.train import SplitParams, TrainResult, categorize, importance, load_booster, load_split, predict_dask
+from conveyor.store.storage import Store, write_bytes_atomic, write_json_atomic
+from conveyor.tasks.clean import LABEL, CleanResult
+from conveyor.tasks.train import (
+    SplitParams,
+    TrainResult,
+    categorize,
+    importance,
+    load_booster,
+    load_split,
+    predict_dask,
+)
 
 BASELINE_KEYS = ("carrier", "sched_dep_hour")
 BASELINE_PRIOR_WEIGHT = 20.0
@@ -106,7 +114,9 @@ def baseline_table(train: Any) -> tuple[pd.DataFrame, float]:
     grouped = train.groupby(list(BASELINE_KEYS), observed=True)[LABEL].agg(["sum", "count"])
     counts, overall = dask.compute(grouped, train[LABEL].mean())
     counts = counts.reset_index()
-    counts["rate"] = (counts["sum"] + BASELINE_PRIOR_WEIGHT * overall) / (counts["count"] + BASELINE_PRIOR_WEIGHT)
+    counts["rate"] = (counts["sum"] + BASELINE_PRIOR_WEIGHT * overall) / (
+        counts["count"] + BASELINE_PRIOR_WEIGHT
+    )
     counts["carrier"] = counts["carrier"].astype(str)
     return counts[[*BASELINE_KEYS, "rate"]], float(overall)
 
@@ -160,7 +170,11 @@ def _plots(y: np.ndarray, curves: dict[str, np.ndarray], importance: dict[str, f
                     ys.append(y[m].mean())
             ax.plot(xs, ys, marker="o", label=name)
         ax.plot(edges, edges, ":", color="grey")
-        ax.set(xlabel="predicted late probability", ylabel="observed late rate", title="Calibration on the holdout")
+        ax.set(
+            xlabel="predicted late probability",
+            ylabel="observed late rate",
+            title="Calibration on the holdout",
+        )
         ax.legend(loc="upper left")
 
     def importance_plot(ax):
@@ -168,7 +182,11 @@ def _plots(y: np.ndarray, curves: dict[str, np.ndarray], importance: dict[str, f
         ax.barh([k for k, _ in top], [v for _, v in top])
         ax.set(xlabel="total gain (share)", title="Feature importance")
 
-    return {"roc": _plot_png(roc), "calibration": _plot_png(calibration), "importance": _plot_png(importance_plot)}
+    return {
+        "roc": _plot_png(roc),
+        "calibration": _plot_png(calibration),
+        "importance": _plot_png(importance_plot),
+    }
 
 
 def _fmt(v: float) -> str:
@@ -178,27 +196,53 @@ def _fmt(v: float) -> str:
 def render_leaderboard(search: dict[str, Any]) -> str:
     """The search's candidates by validation score (selection never saw the holdout)."""
     metric = search.get("metric", "auc")
-    lines = [f"Search: {len(search.get('leaderboard', []))} candidates of budget {search.get('budget')}, "
-             f"picked by validation {metric} (the holdout was not used to choose).", "",
-             "| rank | candidate | family | valid AUC | valid log loss | rounds | seconds | hyperparameters |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Search: {len(search.get('leaderboard', []))} candidates of budget {search.get('budget')}, "
+        f"picked by validation {metric} (the holdout was not used to choose).",
+        "",
+        "| rank | candidate | family | valid AUC | valid log loss | rounds | seconds | hyperparameters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for i, row in enumerate(search.get("leaderboard", []), start=1):
-        params = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in row["hyperparameters"].items()
-                           if k not in {"family", "seed"})
+        params = ", ".join(
+            f"{k}={_fmt(v) if isinstance(v, float) else v}"
+            for k, v in row["hyperparameters"].items()
+            if k not in {"family", "seed"}
+        )
         mark = " (winner)" if row["candidate"] == search.get("winner") else ""
-        lines.append(f"| {i} | {row['candidate']}{mark} | {row['family']} | {_fmt(row['valid_auc'])} | "
-                     f"{_fmt(row['valid_logloss'])} | {row['best_iteration'] + 1} | {row['seconds']:.1f} | {params} |")
+        lines.append(
+            f"| {i} | {row['candidate']}{mark} | {row['family']} | {_fmt(row['valid_auc'])} | "
+            f"{_fmt(row['valid_logloss'])} | {row['best_iteration'] + 1} | {row['seconds']:.1f} | {params} |"
+        )
     return "\n".join(lines)
 
 
-def render_report(result_metrics: Metrics, baseline: Metrics, champion: ChampionScore | None, holdout_rows: int,
-                  positive_rate: float, baseline_name: str, plots: dict[str, str], family: str = "gbtree",
-                  search: dict[str, Any] | None = None) -> str:
+def render_report(
+    result_metrics: Metrics,
+    baseline: Metrics,
+    champion: ChampionScore | None,
+    holdout_rows: int,
+    positive_rate: float,
+    baseline_name: str,
+    plots: dict[str, str],
+    family: str = "gbtree",
+    search: dict[str, Any] | None = None,
+) -> str:
     cols = [("model (challenger)", result_metrics), (baseline_name, baseline)]
     scored = champion is not None and champion.metrics is not None
     if scored:
         cols.append((f"champion {champion.version}", champion.metrics))
-    names = ["roc_auc", "log_loss", "brier", "calibration_error", "threshold", "accuracy", "precision", "recall", "f1"]
+    names = [
+        "roc_auc",
+        "log_loss",
+        "brier",
+        "calibration_error",
+        "threshold",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+    ]
     delta = ["challenger - champion"] if scored else []
     lines = [
         f"Model family: {family}. Holdout: {holdout_rows:,} flights, {positive_rate:.1%} arrived more than "
@@ -213,7 +257,10 @@ def render_report(result_metrics: Metrics, baseline: Metrics, champion: Champion
             cells.append(f"{getattr(result_metrics, n) - getattr(champion.metrics, n):+.4f}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lift = result_metrics.roc_auc - baseline.roc_auc
-    lines += ["", f"ROC AUC lift over the baseline: {lift:+.4f} ({'beats' if lift > 0 else 'does NOT beat'} it)."]
+    lines += [
+        "",
+        f"ROC AUC lift over the baseline: {lift:+.4f} ({'beats' if lift > 0 else 'does NOT beat'} it).",
+    ]
     if champion is not None and champion.note:
         lines += ["", f"Champion: {champion.note}"]
     if search:
@@ -222,9 +269,15 @@ def render_report(result_metrics: Metrics, baseline: Metrics, champion: Champion
     return "\n".join(lines)
 
 
-def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: Any,
-             split: SplitParams = SplitParams(), champion_url: str | None = None,
-             champion_version: str | None = None) -> EvaluationResult:
+def evaluate(
+    store: Store,
+    cleaned: CleanResult,
+    trained: TrainResult,
+    client: Any,
+    split: SplitParams = SplitParams(),
+    champion_url: str | None = None,
+    champion_version: str | None = None,
+) -> EvaluationResult:
     features = trained.features
     cols = [*features, LABEL]
     # Raw (unencoded) slices, each model encodes them with the categories it was trained with.
@@ -250,15 +303,19 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
     model_metrics = score(y_hold, p_hold, best_f1_threshold(y_valid, p_valid))
 
     table, overall = baseline_table(train_frame)
-    b_hold, b_valid = baseline_predict(table, overall, keys_hold), baseline_predict(table, overall, keys_valid)
+    b_hold, b_valid = (
+        baseline_predict(table, overall, keys_hold),
+        baseline_predict(table, overall, keys_valid),
+    )
     baseline_metrics = score(y_hold, b_hold, best_f1_threshold(y_valid, b_valid))
     baseline_name = "baseline (late rate by carrier x hour)"
 
     curves = {"model": p_hold, "baseline": b_hold}
     champion = None
     if champion_url is not None and champion_version is not None and champion_version != trained.version:
-        champion = _score_champion(store, client, champion_url, champion_version, raw_holdout, raw_valid, y_hold,
-                                   y_valid, curves)
+        champion = _score_champion(
+            store, client, champion_url, champion_version, raw_holdout, raw_valid, y_hold, y_valid, curves
+        )
 
     shares = importance(booster)
     plot_urls = {}
@@ -266,8 +323,17 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
         url = posixpath.join(trained.model_url, f"{name}.png")
         write_bytes_atomic(store, url, png)
         plot_urls[name] = url
-    report = render_report(model_metrics, baseline_metrics, champion, len(y_hold), float(y_hold.mean()),
-                           baseline_name, plot_urls, trained.family, trained.search)
+    report = render_report(
+        model_metrics,
+        baseline_metrics,
+        champion,
+        len(y_hold),
+        float(y_hold.mean()),
+        baseline_name,
+        plot_urls,
+        trained.family,
+        trained.search,
+    )
     result = EvaluationResult(
         model_url=trained.model_url,
         holdout_rows=int(len(y_hold)),
@@ -285,23 +351,39 @@ def evaluate(store: Store, cleaned: CleanResult, trained: TrainResult, client: A
     return result
 
 
-def _score_champion(store: Store, client: Any, url: str, version: str, holdout: Any, valid: Any,
-                    y_hold: np.ndarray, y_valid: np.ndarray, curves: dict[str, np.ndarray]) -> ChampionScore:
-    from tasks.train import train_info
+def _score_champion(
+    store: Store,
+    client: Any,
+    url: str,
+    version: str,
+    holdout: Any,
+    valid: Any,
+    y_hold: np.ndarray,
+    y_valid: np.ndarray,
+    curves: dict[str, np.ndarray],
+) -> ChampionScore:
+    from conveyor.tasks.train import train_info
 
     try:
         info = train_info(store, url)
         booster = load_booster(store, url)
     except Exception as exc:
-        return ChampionScore(version, None, f"could not load champion {version} ({type(exc).__name__}: {exc})")
+        return ChampionScore(
+            version, None, f"could not load champion {version} ({type(exc).__name__}: {exc})"
+        )
     missing = [f for f in info.features if f not in holdout.columns]
     if missing:
         return ChampionScore(version, None, f"champion {version} needs features this data lacks: {missing}")
     hold = categorize(holdout[info.features], info.categories)
     val = categorize(valid[info.features], info.categories)
-    p_hold, p_valid = dask.compute(predict_frame(client, booster, hold, info.features),
-                                   predict_frame(client, booster, val, info.features))
+    p_hold, p_valid = dask.compute(
+        predict_frame(client, booster, hold, info.features),
+        predict_frame(client, booster, val, info.features),
+    )
     p_hold, p_valid = np.asarray(p_hold, dtype=float), np.asarray(p_valid, dtype=float)
     curves[f"champion {version}"] = p_hold
-    return ChampionScore(version, score(y_hold, p_hold, best_f1_threshold(y_valid, p_valid)),
-                         f"scored on the same holdout ({len(y_hold):,} rows)")
+    return ChampionScore(
+        version,
+        score(y_hold, p_hold, best_f1_threshold(y_valid, p_valid)),
+        f"scored on the same holdout ({len(y_hold):,} rows)",
+    )

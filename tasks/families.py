@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,10 +50,13 @@ class LinearParams:
     l2: float = 1e-4  # penalty l2/2 * |w|^2 added to the mean log loss (the intercept is not penalised)
     max_iter: int = 200  # L-BFGS iterations
     tol: float = 1e-7  # stop when the projected gradient is this small
-    early_stopping_rounds: int = 10  # stop when the validation log loss has not improved for this many iterations
+    early_stopping_rounds: int = (
+        10  # stop when the validation log loss has not improved for this many iterations
+    )
 
 
 # --- the linear model ---------------------------------------------------------------------
+
 
 @dataclass
 class LinearModel:
@@ -92,13 +96,14 @@ class LinearModel:
         return self.design(frame) @ np.asarray(self.weights, dtype="float64") + self.bias
 
     def inplace_predict(self, frame: pd.DataFrame) -> np.ndarray:
-        """Late probabilities for an encoded feature frame (as produced by ``tasks.train.encode``)."""
+        """Late probabilities for an encoded feature frame (as produced by
+        ``conveyor.tasks.train.encode``)."""
         return _sigmoid(self.margin(frame))
 
     def importance(self) -> dict[str, float]:
         """|standardised weight| summed per input feature (one-hot blocks summed)."""
         out: dict[str, float] = {}
-        for col, w in zip(self.design_columns(), self.weights):
+        for col, w in zip(self.design_columns(), self.weights, strict=False):
             name = col.split("=", 1)[0]
             out[name] = out.get(name, 0.0) + abs(float(w))
         return out
@@ -108,7 +113,7 @@ class LinearModel:
         return json.dumps(body, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "LinearModel":
+    def from_bytes(cls, raw: bytes) -> LinearModel:
         body = json.loads(bytes(raw))
         if not isinstance(body, dict) or body.pop("format", None) != LINEAR_FORMAT:
             raise ValueError(f"not a {LINEAR_FORMAT} model")
@@ -122,8 +127,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
 
 
-def design_matrix(frame: pd.DataFrame, features: list[str], numeric: dict[str, list[float]],
-                  onehot: dict[str, int]) -> np.ndarray:
+def design_matrix(
+    frame: pd.DataFrame, features: list[str], numeric: dict[str, list[float]], onehot: dict[str, int]
+) -> np.ndarray:
     """The linear model's inputs: standardised numerics (missing -> 0, the mean) and one-hot codes."""
     n = len(frame)
     width = len(numeric) + sum(onehot.values())
@@ -132,7 +138,9 @@ def design_matrix(frame: pd.DataFrame, features: list[str], numeric: dict[str, l
     for f in features:
         if f in numeric:
             mean, std = numeric[f]
-            x = (pd.to_numeric(frame[f], errors="coerce").to_numpy(dtype="float64", na_value=np.nan) - mean) / std
+            x = (
+                pd.to_numeric(frame[f], errors="coerce").to_numpy(dtype="float64", na_value=np.nan) - mean
+            ) / std
             out[:, j] = np.where(np.isfinite(x), x, 0.0)
             j += 1
     for f in features:
@@ -149,6 +157,7 @@ def design_matrix(frame: pd.DataFrame, features: list[str], numeric: dict[str, l
 
 # --- distributed fit ----------------------------------------------------------------------
 
+
 def _part_stats(part: pd.DataFrame, cols: list[str]) -> np.ndarray:
     x = part[cols].to_numpy(dtype="float64", na_value=np.nan)
     ok = np.isfinite(x)
@@ -156,8 +165,13 @@ def _part_stats(part: pd.DataFrame, cols: list[str]) -> np.ndarray:
     return np.stack([ok.sum(axis=0), x0.sum(axis=0), (x0 * x0).sum(axis=0)])
 
 
-def _part_design(part: pd.DataFrame, label: str, features: list[str], numeric: dict[str, list[float]],
-                 onehot: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _part_design(
+    part: pd.DataFrame,
+    label: str,
+    features: list[str],
+    numeric: dict[str, list[float]],
+    onehot: dict[str, int],
+) -> tuple[np.ndarray, np.ndarray]:
     return design_matrix(part, features, numeric, onehot), part[label].to_numpy(dtype="float64")
 
 
@@ -173,7 +187,8 @@ def _part_loss_grad(xy: tuple[np.ndarray, np.ndarray], w: np.ndarray) -> tuple[f
 
 
 def _reduce(client: Any, parts: list[Any], fn: Callable[..., Any], *args: Any) -> list[Any]:
-    """Run ``fn(part, *args)`` where each partition lives; results in partition order (a deterministic sum)."""
+    """Run ``fn(part, *args)`` where each partition lives; results in partition order (a deterministic
+    sum)."""
     futures = [client.submit(fn, p, *args, pure=False) for p in parts]
     return client.gather(futures)
 
@@ -186,9 +201,17 @@ class LinearFit:
     iterations: int
 
 
-def fit_linear(client: Any, train_parts: list[Any], valid_parts: list[Any], features: list[str],
-               categorical: list[str], n_categories: dict[str, int], label: str, params: LinearParams,
-               workers: list[str] | None = None) -> LinearFit:
+def fit_linear(
+    client: Any,
+    train_parts: list[Any],
+    valid_parts: list[Any],
+    features: list[str],
+    categorical: list[str],
+    n_categories: dict[str, int],
+    label: str,
+    params: LinearParams,
+    workers: list[str] | None = None,
+) -> LinearFit:
     """Fit on partitions (Dask futures of pandas frames, encoded) without bringing the data to the client.
 
     Each L-BFGS step is one map-reduce (loss + gradient per partition, summed in
@@ -199,7 +222,9 @@ def fit_linear(client: Any, train_parts: list[Any], valid_parts: list[Any], feat
 
     where = {"workers": workers, "allow_other_workers": False} if workers else {}
     numeric_cols = [f for f in features if f not in categorical]
-    stats = sum(client.gather([client.submit(_part_stats, p, numeric_cols, pure=False, **where) for p in train_parts]))
+    stats = sum(
+        client.gather([client.submit(_part_stats, p, numeric_cols, pure=False, **where) for p in train_parts])
+    )
     count, total, squares = stats
     numeric: dict[str, list[float]] = {}
     for i, col in enumerate(numeric_cols):
@@ -210,11 +235,18 @@ def fit_linear(client: Any, train_parts: list[Any], valid_parts: list[Any], feat
     onehot = {c: int(n_categories[c]) for c in features if c in categorical}
 
     def design(parts: list[Any]) -> list[Any]:
-        return [client.submit(_part_design, p, label, features, numeric, onehot, pure=False, **where) for p in parts]
+        return [
+            client.submit(_part_design, p, label, features, numeric, onehot, pure=False, **where)
+            for p in parts
+        ]
 
     train_xy, valid_xy = design(train_parts), design(valid_parts)
-    n_train = sum(client.gather([client.submit(lambda xy: len(xy[1]), p, pure=False, **where) for p in train_xy]))
-    n_valid = sum(client.gather([client.submit(lambda xy: len(xy[1]), p, pure=False, **where) for p in valid_xy]))
+    n_train = sum(
+        client.gather([client.submit(lambda xy: len(xy[1]), p, pure=False, **where) for p in train_xy])
+    )
+    n_valid = sum(
+        client.gather([client.submit(lambda xy: len(xy[1]), p, pure=False, **where) for p in valid_xy])
+    )
     if not n_train or not n_valid:
         raise ValueError(f"linear model: empty training ({n_train}) or validation ({n_valid}) slice")
     width = len(numeric) + sum(onehot.values())
@@ -246,11 +278,24 @@ def fit_linear(client: Any, train_parts: list[Any], valid_parts: list[Any], feat
             if state["since"] >= params.early_stopping_rounds:
                 raise StopIteration  # scipy >= 1.11 ends the minimisation here
 
-    minimize(loss_grad, w0, args=(train_xy, n_train, params.l2), jac=True, method="L-BFGS-B", callback=on_step,
-             options={"maxiter": params.max_iter, "gtol": params.tol})
+    minimize(
+        loss_grad,
+        w0,
+        args=(train_xy, n_train, params.l2),
+        jac=True,
+        method="L-BFGS-B",
+        callback=on_step,
+        options={"maxiter": params.max_iter, "gtol": params.tol},
+    )
     for f in (*train_xy, *valid_xy):
         f.release()
     w = best["w"]
-    model = LinearModel(features=list(features), numeric=numeric, onehot=onehot,
-                        weights=[float(v) for v in w[:-1]], bias=float(w[-1]), params=asdict(params))
+    model = LinearModel(
+        features=list(features),
+        numeric=numeric,
+        onehot=onehot,
+        weights=[float(v) for v in w[:-1]],
+        bias=float(w[-1]),
+        params=asdict(params),
+    )
     return LinearFit(model, int(best["it"]), float(best["loss"]), int(state["it"]))

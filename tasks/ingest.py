@@ -23,8 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
-from tasks.schema import TABLES, InputError, TableSchema
-from tasks.storage import DatasetRef, Store, clear_version, commit_dataset, committed, content_version, code_version
+from conveyor.errors import InputError
+from conveyor.store.storage import (
+    DatasetRef,
+    Store,
+    clear_version,
+    code_version,
+    commit_dataset,
+    committed,
+    content_version,
+)
+from conveyor.tasks.schema import TABLES, TableSchema
 
 REASON = "_reason"
 SUFFIXES = (".parquet", ".csv", ".csv.gz", ".csv.zip", ".csv.bz2")
@@ -88,7 +97,10 @@ def find_table(source_url: str, table: str, storage_options: dict[str, Any]) -> 
     if fs.isdir(folder) and fs.glob(posixpath.join(folder, "*.parquet")):
         return f"{protocol}://{folder}"
     raise InputError(
-        source_url, None, f"no '{table}' table found (looked for {', '.join(table + s for s in SUFFIXES)} or {table}/*.parquet)"
+        source_url,
+        None,
+        f"no '{table}' table found "
+        f"(looked for {', '.join(table + s for s in SUFFIXES)} or {table}/*.parquet)",
     )
 
 
@@ -161,7 +173,11 @@ def type_partition(raw: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
         parsed = _parse(raw[col.name], col.kind)
         failed = parsed.isna() & ~_missing(raw[col.name])
         if failed.any():
-            msg = raw[col.name][failed].astype("string").map(lambda v, c=col: f"{c.name}: cannot parse {v!r} as {c.kind}")
+            msg = (
+                raw[col.name][failed]
+                .astype("string")
+                .map(lambda v, c=col: f"{c.name}: cannot parse {v!r} as {c.kind}")
+            )
             reasons = reasons.where(reasons.notna() | ~failed, msg)
         typed[col.name] = parsed
     out = pd.DataFrame(typed, index=raw.index)
@@ -180,7 +196,10 @@ def _check_column_types(probe: pd.DataFrame, schema: TableSchema, source: str) -
         if failed.sum() > WRONG_TYPE_SHARE * present.sum():
             example = raw[failed].iloc[0]
             raise InputError(
-                source, col.name, f"expected {col.kind} values, found {example!r} ({int(failed.sum())} of {int(present.sum())} sampled values do not parse)"
+                source,
+                col.name,
+                f"expected {col.kind} values, found {example!r} "
+                f"({int(failed.sum())} of {int(present.sum())} sampled values do not parse)",
             )
 
 
@@ -209,7 +228,9 @@ def _read_raw(url: str, schema: TableSchema, storage_options: dict[str, Any]) ->
                 # One task must decompress the whole file: do it once, keep it on the cluster for
                 # the type probe, the sample count and the write, then split it for the typing work.
                 size = fs.size(path)
-                ddf = ddf.persist().repartition(npartitions=max(1, math.ceil(size * 4 / TARGET_PARTITION_BYTES)))
+                ddf = ddf.persist().repartition(
+                    npartitions=max(1, math.ceil(size * 4 / TARGET_PARTITION_BYTES))
+                )
         probe = ddf.get_partition(0).head(PROBE_ROWS, compute=True)
     except InputError:
         raise
@@ -246,7 +267,10 @@ def ingest_table(
     schema = TABLES[table]
     source_options = source_options or {}
     fs, path = url_to_fs(url, **source_options)
-    fingerprint = [(p, fs.ukey(p)) for p in ([path] if fs.isfile(path) else sorted(fs.glob(posixpath.join(path, "*.parquet"))))]
+    fingerprint = [
+        (p, fs.ukey(p))
+        for p in ([path] if fs.isfile(path) else sorted(fs.glob(posixpath.join(path, "*.parquet"))))
+    ]
     sample = params.max_rows if table == "flights" else None
     version = content_version("ingest", table, fingerprint, sample, params.seed, code_version("ingest"))
     bronze_name, quarantine_name = f"bronze_{table}", f"bronze_{table}"
@@ -262,12 +286,20 @@ def ingest_table(
         raw, frac = _sample(raw, sample, params.seed)
     typed = raw.map_partitions(type_partition, schema, meta=type_partition(raw._meta, schema))
     good = typed[typed[REASON].isna()].drop(columns=[REASON])
-    bad = dd.map_partitions(_rejected, raw, typed, meta=raw._meta.astype("string").assign(**{REASON: pd.Series(dtype="string")}))
+    bad = dd.map_partitions(
+        _rejected, raw, typed, meta=raw._meta.astype("string").assign(**{REASON: pd.Series(dtype="string")})
+    )
 
     b_url = store.dataset_url(bronze_name, version)
     for target in (b_url, q_url):
         clear_version(store, target)
-    write = dict(write_index=False, storage_options=store.options, compute=False, write_metadata_file=False, name_function=_part_name)
+    write = {
+        "write_index": False,
+        "storage_options": store.options,
+        "compute": False,
+        "write_metadata_file": False,
+        "name_function": _part_name,
+    }
     dask.compute(good.to_parquet(b_url, **write), bad.to_parquet(q_url, **write))
     lineage = {"source": url, "fingerprint": fingerprint, "sample_fraction": frac, "seed": params.seed}
     q = commit_dataset(store, quarantine_name, version, q_url, lineage | {"of": bronze_name})

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.storage import Store, exists, open_manifest, read_dataset, read_json, write_json_atomic
+from conveyor.store.storage import Store, exists, open_manifest, read_dataset, read_json, write_json_atomic
 
 PROFILE = "profile.json"
 LATEST = "latest.json"
@@ -32,7 +32,9 @@ class Thresholds:
 
     max_row_change: float = 0.5  # |rows - previous rows| / previous rows
     max_null_rate: float = 0.25  # share of nulls in any column ...
-    null_rate_limits: dict[str, float] = field(default_factory=lambda: {"wind_gust": 0.85})  # ... unless listed here
+    null_rate_limits: dict[str, float] = field(
+        default_factory=lambda: {"wind_gust": 0.85}
+    )  # ... unless listed here
     max_quarantine_share: float = 0.10  # quarantined / rows in
     max_psi: float = 0.25  # population stability index per feature (0.1 moderate, 0.25 significant shift)
     max_metric_drop: float = 0.01  # champion's holdout metric minus the challenger's
@@ -80,13 +82,14 @@ class DataProfile:
     columns: dict[str, ColumnProfile]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DataProfile":
+    def from_json(cls, data: dict[str, Any]) -> DataProfile:
         data = dict(data)
         data["columns"] = {k: ColumnProfile(**v) for k, v in data["columns"].items()}
         return cls(**data)
 
 
 # --- profiles -----------------------------------------------------------------------------
+
 
 def _is_numeric(series: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
@@ -98,9 +101,17 @@ def _bin_shares(values: np.ndarray, edges: list[float]) -> list[float]:
     return (counts / total).tolist() if total else [0.0] * (len(edges) + 1)
 
 
-def profile_frame(frame: pd.DataFrame, dataset: str, version: str, rows_in: int, quarantined: int,
-                  columns: list[str], reference: "DataProfile | None" = None) -> DataProfile:
-    """Profile ``columns`` of ``frame``; numeric bins reuse the reference's edges so PSI compares like with like."""
+def profile_frame(
+    frame: pd.DataFrame,
+    dataset: str,
+    version: str,
+    rows_in: int,
+    quarantined: int,
+    columns: list[str],
+    reference: DataProfile | None = None,
+) -> DataProfile:
+    """Profile ``columns`` of ``frame``; numeric bins reuse the reference's edges so PSI compares like with
+    like."""
     profiles: dict[str, ColumnProfile] = {}
     for col in columns:
         series = frame[col]
@@ -113,16 +124,28 @@ def profile_frame(frame: pd.DataFrame, dataset: str, version: str, rows_in: int,
                 edges = ref.edges
             else:
                 qs = np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1]) if len(values) else np.array([])
-                edges = sorted(set(float(q) for q in qs))
-            profiles[col] = ColumnProfile("numeric", null_rate, edges=list(edges), shares=_bin_shares(values, edges))
+                edges = sorted({float(q) for q in qs})
+            profiles[col] = ColumnProfile(
+                "numeric", null_rate, edges=list(edges), shares=_bin_shares(values, edges)
+            )
         else:
             shares = present.astype(str).value_counts(normalize=True)
-            profiles[col] = ColumnProfile("categorical", null_rate, categories={str(k): float(v) for k, v in shares.items()})
+            profiles[col] = ColumnProfile(
+                "categorical", null_rate, categories={str(k): float(v) for k, v in shares.items()}
+            )
     return DataProfile(dataset, version, int(len(frame)), int(rows_in), int(quarantined), profiles)
 
 
-def profile_dataset(store: Store, url: str, dataset: str, version: str, rows_in: int, quarantined: int,
-                    columns: list[str], reference: DataProfile | None = None) -> DataProfile:
+def profile_dataset(
+    store: Store,
+    url: str,
+    dataset: str,
+    version: str,
+    rows_in: int,
+    quarantined: int,
+    columns: list[str],
+    reference: DataProfile | None = None,
+) -> DataProfile:
     """Profile a committed version (the columns are read through Dask, then binned in this process)."""
     frame = read_dataset(store, url, columns=columns).compute()
     return profile_frame(frame, dataset, version, rows_in, quarantined, columns, reference)
@@ -131,7 +154,7 @@ def profile_dataset(store: Store, url: str, dataset: str, version: str, rows_in:
 def psi(expected: list[float], actual: list[float]) -> float:
     """Population stability index of two share vectors over the same bins."""
     total = 0.0
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=False):
         e, a = max(e, EPS), max(a, EPS)
         total += (a - e) * math.log(a / e)
     return float(total)
@@ -141,50 +164,97 @@ def column_psi(reference: ColumnProfile, current: ColumnProfile) -> float:
     if reference.kind == "numeric" and current.kind == "numeric" and reference.edges == current.edges:
         return psi(reference.shares, current.shares)
     keys = sorted(set(reference.categories) | set(current.categories))
-    return psi([reference.categories.get(k, 0.0) for k in keys], [current.categories.get(k, 0.0) for k in keys])
+    return psi(
+        [reference.categories.get(k, 0.0) for k in keys], [current.categories.get(k, 0.0) for k in keys]
+    )
 
 
 # --- checks -------------------------------------------------------------------------------
 
-def check_data(current: DataProfile, thresholds: Thresholds, previous: DataProfile | None = None,
-               training: DataProfile | None = None) -> MonitorReport:
+
+def check_data(
+    current: DataProfile,
+    thresholds: Thresholds,
+    previous: DataProfile | None = None,
+    training: DataProfile | None = None,
+) -> MonitorReport:
     """Row change vs the previous version, null rates, quarantine share, drift vs the training data."""
     checks: list[Check] = []
     if previous is not None and previous.rows > 0:
         change = abs(current.rows - previous.rows) / previous.rows
-        checks.append(Check("row_change", round(change, 6), thresholds.max_row_change, change > thresholds.max_row_change,
-                            f"{previous.rows:,} rows in {previous.version} -> {current.rows:,} in {current.version}"))
+        checks.append(
+            Check(
+                "row_change",
+                round(change, 6),
+                thresholds.max_row_change,
+                change > thresholds.max_row_change,
+                f"{previous.rows:,} rows in {previous.version} -> {current.rows:,} in {current.version}",
+            )
+        )
     for col, prof in current.columns.items():
         limit = thresholds.null_rate_limits.get(col, thresholds.max_null_rate)
         checks.append(Check(f"null_rate:{col}", round(prof.null_rate, 6), limit, prof.null_rate > limit))
     share = current.quarantined / current.rows_in if current.rows_in else 0.0
-    checks.append(Check("quarantine_share", round(share, 6), thresholds.max_quarantine_share,
-                        share > thresholds.max_quarantine_share, f"{current.quarantined:,} of {current.rows_in:,} rows"))
+    checks.append(
+        Check(
+            "quarantine_share",
+            round(share, 6),
+            thresholds.max_quarantine_share,
+            share > thresholds.max_quarantine_share,
+            f"{current.quarantined:,} of {current.rows_in:,} rows",
+        )
+    )
     if training is not None:
         for col, prof in current.columns.items():
             ref = training.columns.get(col)
             if ref is None:
                 continue
             value = column_psi(ref, prof)
-            checks.append(Check(f"psi:{col}", round(value, 6), thresholds.max_psi, value > thresholds.max_psi,
-                                f"vs training data {training.dataset} {training.version}"))
+            checks.append(
+                Check(
+                    f"psi:{col}",
+                    round(value, 6),
+                    thresholds.max_psi,
+                    value > thresholds.max_psi,
+                    f"vs training data {training.dataset} {training.version}",
+                )
+            )
     return MonitorReport(f"{current.dataset} {current.version}", checks)
 
 
-def check_model(model: str, version: str, metrics: dict[str, float], champion_metrics: dict[str, float] | None,
-                champion_version: str | None, thresholds: Thresholds) -> MonitorReport:
+def check_model(
+    model: str,
+    version: str,
+    metrics: dict[str, float],
+    champion_metrics: dict[str, float] | None,
+    champion_version: str | None,
+    thresholds: Thresholds,
+) -> MonitorReport:
     """The challenger's holdout metric against the champion's on the same holdout."""
     checks: list[Check] = []
     metric = thresholds.metric
     if champion_metrics is not None and metric in champion_metrics and metric in metrics:
         higher_is_better = metric not in {"log_loss", "brier", "calibration_error"}
-        drop = champion_metrics[metric] - metrics[metric] if higher_is_better else metrics[metric] - champion_metrics[metric]
-        checks.append(Check(f"metric_drop:{metric}", round(drop, 6), thresholds.max_metric_drop, drop > thresholds.max_metric_drop,
-                            f"{model} {version}: {metrics[metric]:.4f} vs champion {champion_version}: {champion_metrics[metric]:.4f}"))
+        drop = (
+            champion_metrics[metric] - metrics[metric]
+            if higher_is_better
+            else metrics[metric] - champion_metrics[metric]
+        )
+        checks.append(
+            Check(
+                f"metric_drop:{metric}",
+                round(drop, 6),
+                thresholds.max_metric_drop,
+                drop > thresholds.max_metric_drop,
+                f"{model} {version}: {metrics[metric]:.4f} "
+                f"vs champion {champion_version}: {champion_metrics[metric]:.4f}",
+            )
+        )
     return MonitorReport(f"{model} {version}", checks)
 
 
 # --- stored profiles ----------------------------------------------------------------------
+
 
 def profile_url(store: Store, dataset: str, version: str) -> str:
     return store.url("monitoring", dataset, version, PROFILE)
@@ -195,7 +265,9 @@ def save_profile(store: Store, profile: DataProfile, latest: bool = True) -> str
     url = profile_url(store, profile.dataset, profile.version)
     write_json_atomic(store, url, asdict(profile))
     if latest:
-        write_json_atomic(store, store.url("monitoring", profile.dataset, LATEST), {"version": profile.version})
+        write_json_atomic(
+            store, store.url("monitoring", profile.dataset, LATEST), {"version": profile.version}
+        )
     return url
 
 
@@ -213,7 +285,8 @@ def latest_profile(store: Store, dataset: str) -> DataProfile | None:
 
 
 def training_profile(store: Store, dataset: str, version: str, columns: list[str]) -> DataProfile | None:
-    """The stored profile of the data a model was trained on; profiled now if still committed but never profiled."""
+    """The stored profile of the data a model was trained on; profiled now if still committed but never
+    profiled."""
     found = load_profile(store, dataset, version)
     if found is not None:
         return found

@@ -1,19 +1,8 @@
-"""Declared schemas of the input tables, and the one error bad input gets."""
+"""Declared schemas of the input tables."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-class InputError(ValueError):
-    """Bad input: names the file and the field so the user can fix it."""
-
-    def __init__(self, source: str, field: str | None, problem: str):
-        self.source = source
-        self.field = field
-        self.problem = problem
-        where = f"{source}: field '{field}'" if field else source
-        super().__init__(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)

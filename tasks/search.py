@@ -2,7 +2,7 @@
 
 A slot is one Dask worker (on a GPU cluster: one GPU). Each slot holds its own
 copy of the train and valid slices and trains one candidate at a time with
-the same :func:`tasks.train.fit` as a plain training, so a search never puts
+the same :func:`conveyor.tasks.train.fit` as a plain training, so a search never puts
 two trainings on one worker and never oversubscribes a GPU. Candidates are
 drawn up front from a seeded generator (each family's defaults first, then
 random draws), so a rerun with the same inputs and seed trains the same
@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.clean import CleanResult
-from tasks.families import FAMILIES, ForestParams
-from tasks.storage import Store, code_version, content_version, exists, read_json, write_json_atomic
-from tasks.train import (
+from conveyor.store.storage import Store, code_version, content_version, exists, read_json, write_json_atomic
+from conveyor.tasks.clean import CleanResult
+from conveyor.tasks.families import FAMILIES, ForestParams
+from conveyor.tasks.train import (
     Fitted,
     SplitParams,
     TrainParams,
@@ -58,7 +58,10 @@ class SearchParams:
             raise ValueError(f"search budget must be >= 1, not {self.budget}")
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
-            raise ValueError(f"search families must be a non-empty subset of {', '.join(FAMILIES)}, not {list(self.families)}")
+            raise ValueError(
+                f"search families must be a non-empty subset of {', '.join(FAMILIES)}, "
+                f"not {list(self.families)}"
+            )
         if self.parallelism is not None and self.parallelism < 1:
             raise ValueError(f"search parallelism must be >= 1, not {self.parallelism}")
 
@@ -71,7 +74,8 @@ def sample(rng: np.random.Generator, family: str, base: TrainParams) -> TrainPar
     """One random draw from ``family``'s search space (around sensible ranges for tabular data)."""
     if family == "gbtree":
         return dataclasses.replace(
-            base, family="gbtree",
+            base,
+            family="gbtree",
             learning_rate=round(_log_uniform(rng, 0.02, 0.3), 4),
             max_depth=int(rng.integers(3, 11)),
             min_child_weight=round(_log_uniform(rng, 0.5, 50.0), 3),
@@ -79,10 +83,13 @@ def sample(rng: np.random.Generator, family: str, base: TrainParams) -> TrainPar
             colsample_bytree=round(float(rng.uniform(0.4, 1.0)), 3),
         )
     if family == "random_forest":
-        rf = ForestParams(n_trees=int(rng.choice([50, 100, 200])), max_depth=int(rng.integers(6, 15)),
-                          min_child_weight=round(_log_uniform(rng, 1.0, 50.0), 3),
-                          subsample=round(float(rng.uniform(0.4, 0.9)), 3),
-                          colsample_bynode=round(float(rng.uniform(0.3, 0.9)), 3))
+        rf = ForestParams(
+            n_trees=int(rng.choice([50, 100, 200])),
+            max_depth=int(rng.integers(6, 15)),
+            min_child_weight=round(_log_uniform(rng, 1.0, 50.0), 3),
+            subsample=round(float(rng.uniform(0.4, 0.9)), 3),
+            colsample_bynode=round(float(rng.uniform(0.3, 0.9)), 3),
+        )
         return dataclasses.replace(base, family="random_forest", random_forest=rf)
     lin = dataclasses.replace(base.linear, l2=float(f"{_log_uniform(rng, 1e-6, 1e-1):.3g}"))
     return dataclasses.replace(base, family="linear", linear=lin)
@@ -142,8 +149,16 @@ def rank(board: list[Candidate], metric: str) -> list[Candidate]:
 
 
 def search_version(cleaned: CleanResult, search: SearchParams, base: TrainParams, split: SplitParams) -> str:
-    return content_version("search", cleaned.silver.version, asdict(search), base.identity(),
-                           asdict(base.random_forest), asdict(base.linear), asdict(split), code_version("train", "search"))
+    return content_version(
+        "search",
+        cleaned.silver.version,
+        asdict(search),
+        base.identity(),
+        asdict(base.random_forest),
+        asdict(base.linear),
+        asdict(split),
+        code_version("train", "search"),
+    )
 
 
 def search_url(store: Store, model: str, version: str) -> str:
@@ -155,8 +170,15 @@ def slots(client: Any) -> list[str]:
     return sorted(client.scheduler_info(n_workers=-1)["workers"])
 
 
-def run_search(store: Store, cleaned: CleanResult, client: Any, search: SearchParams, base: TrainParams = TrainParams(),
-               split: SplitParams = SplitParams(), model: str = "flights_late") -> TrainResult:
+def run_search(
+    store: Store,
+    cleaned: CleanResult,
+    client: Any,
+    search: SearchParams,
+    base: TrainParams = TrainParams(),
+    split: SplitParams = SplitParams(),
+    model: str = "flights_late",
+) -> TrainResult:
     """Train up to ``search.budget`` candidates in parallel slots and commit the best as a model version."""
     version = search_version(cleaned, search, base, split)
     record_url = search_url(store, model, version)
@@ -185,15 +207,26 @@ def run_search(store: Store, cleaned: CleanResult, client: Any, search: SearchPa
             slot = free.pop(0)
         try:
             t0 = time.perf_counter()
-            result = fit(client, placed[slot][0], cleaned.features, cleaned.categories, params, device, workers=[slot])
+            result = fit(
+                client, placed[slot][0], cleaned.features, cleaned.categories, params, device, workers=[slot]
+            )
             seconds = time.perf_counter() - t0
         finally:
             with lock:
                 free.append(slot)
                 lock.notify()
         fitted[i] = result
-        return Candidate(i, params.family, params.identity(), result.valid_auc, result.valid_logloss,
-                         result.best_iteration, round(seconds, 3), slot, model_version(cleaned, params, split))
+        return Candidate(
+            i,
+            params.family,
+            params.identity(),
+            result.valid_auc,
+            result.valid_logloss,
+            result.best_iteration,
+            round(seconds, 3),
+            slot,
+            model_version(cleaned, params, split),
+        )
 
     # Longest first, so one long candidate does not start last and leave the other slots idle.
     order = sorted(range(len(todo)), key=lambda i: (-expected_cost(todo[i]), i))
@@ -220,8 +253,18 @@ def run_search(store: Store, cleaned: CleanResult, client: Any, search: SearchPa
     winner = todo[best.candidate]
     trained = committed_model(store, store.model_url(model, best.version))
     if trained is None:
-        trained = write_model(store, cleaned, winner, split, model, device, fitted[best.candidate], rows,
-                              best.seconds, search=record)
+        trained = write_model(
+            store,
+            cleaned,
+            winner,
+            split,
+            model,
+            device,
+            fitted[best.candidate],
+            rows,
+            best.seconds,
+            search=record,
+        )
     else:
         trained = dataclasses.replace(trained, search=record)
     write_json_atomic(store, record_url, record)  # last: the search is complete
@@ -235,13 +278,22 @@ class SearchSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, record: dict[str, Any]) -> "SearchSummary":
+    def of(cls, record: dict[str, Any]) -> SearchSummary:
         out = []
         for rank_, c in enumerate(record.get("leaderboard", []), start=1):
             params = {k: v for k, v in c["hyperparameters"].items() if k not in {"family", "seed"}}
-            out.append({"rank": rank_, "candidate": c["candidate"], "family": c["family"],
-                        "valid_auc": round(c["valid_auc"], 5), "valid_logloss": round(c["valid_logloss"], 5),
-                        "rounds": c["best_iteration"] + 1, "seconds": c["seconds"], "slot": c["slot"],
-                        "winner": c["candidate"] == record.get("winner"),
-                        "hyperparameters": ", ".join(f"{k}={v}" for k, v in params.items())})
+            out.append(
+                {
+                    "rank": rank_,
+                    "candidate": c["candidate"],
+                    "family": c["family"],
+                    "valid_auc": round(c["valid_auc"], 5),
+                    "valid_logloss": round(c["valid_logloss"], 5),
+                    "rounds": c["best_iteration"] + 1,
+                    "seconds": c["seconds"],
+                    "slot": c["slot"],
+                    "winner": c["candidate"] == record.get("winner"),
+                    "hyperparameters": ", ".join(f"{k}={v}" for k, v in params.items()),
+                }
+            )
         return cls(out)

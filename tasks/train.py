@@ -5,7 +5,8 @@ Families (``TrainParams.family``): ``gbtree`` (boosted trees) and
 tasks/families.py) by L-BFGS map-reduce over the same partitions.
 
 The model is written (XGBoost UBJ for trees, JSON weights for the linear
-model; never pickle) under ``models/<model>/<version>/`` with ``train.json`` beside it; the version is not trusted (not in the
+model; never pickle) under ``models/<model>/<version>/`` with ``train.json`` beside it; the version is not
+trusted (not in the
 registry) until deploy writes its ``card.json``.
 """
 
@@ -24,9 +25,28 @@ import pandas as pd
 import xgboost as xgb
 import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
 
-from tasks.clean import CATEGORICAL, FEATURES, LABEL, TIME_KEY, CleanResult
-from tasks.families import FAMILIES, LINEAR_FILE, Family, ForestParams, LinearModel, LinearParams, fit_linear
-from tasks.storage import Store, code_version, content_version, exists, open_manifest, read_dataset, read_json, write_bytes_atomic, write_json_atomic
+from conveyor.resources import gpu_count
+from conveyor.store.storage import (
+    Store,
+    code_version,
+    content_version,
+    exists,
+    open_manifest,
+    read_dataset,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from conveyor.tasks.clean import CATEGORICAL, FEATURES, LABEL, TIME_KEY, CleanResult
+from conveyor.tasks.families import (
+    FAMILIES,
+    LINEAR_FILE,
+    Family,
+    ForestParams,
+    LinearModel,
+    LinearParams,
+    fit_linear,
+)
 
 MODEL_FILE = "model.ubj"
 TRAIN_INFO = "train.json"
@@ -75,8 +95,19 @@ class TrainParams:
         if self.family == "linear":
             return asdict(self.linear)
         flat = asdict(self)
-        return {k: flat[k] for k in ("num_boost_round", "learning_rate", "max_depth", "min_child_weight", "subsample",
-                                     "colsample_bytree", "max_cat_to_onehot", "early_stopping_rounds")}
+        return {
+            k: flat[k]
+            for k in (
+                "num_boost_round",
+                "learning_rate",
+                "max_depth",
+                "min_child_weight",
+                "subsample",
+                "colsample_bytree",
+                "max_cat_to_onehot",
+                "early_stopping_rounds",
+            )
+        }
 
     def identity(self) -> dict[str, Any]:
         """What the model version hashes: family, its settings and the seed (not the device)."""
@@ -106,21 +137,9 @@ class TrainResult:
     family: str = "gbtree"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_file: str = MODEL_FILE  # model.ubj (XGBoost) or model.json (linear)
-    search: dict[str, Any] = field(default_factory=dict)  # set when a search picked this model (tasks/search.py)
-
-
-def gpu_count() -> int:
-    """CUDA devices visible to this process (0 without a driver or NVML)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, no device: a CPU worker
-        return 0
+    search: dict[str, Any] = field(
+        default_factory=dict
+    )  # set when a search picked this model (tasks/search.py)
 
 
 def workers_have_gpus(client: Any) -> bool:
@@ -179,7 +198,9 @@ def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
         return frame, rows
     if len(non_empty) < len(workers) and rows >= len(workers):
         frame = frame.repartition(npartitions=len(workers))
-    placed = [client.compute(part, workers=[workers[i % len(workers)]]) for i, part in enumerate(frame.to_delayed())]
+    placed = [
+        client.compute(part, workers=[workers[i % len(workers)]]) for i, part in enumerate(frame.to_delayed())
+    ]
     return dd.from_delayed(placed, meta=frame._meta, verify_meta=False), rows
 
 
@@ -187,9 +208,16 @@ def feature_types(features: list[str]) -> list[str]:
     return ["c" if f in CATEGORICAL else "q" for f in features]
 
 
-def load_split(store: Store, silver_url: str, split: SplitParams, part: Literal["train", "valid", "holdout"],
-               columns: list[str], encode: bool = True) -> dd.DataFrame:
-    """One time slice of the silver data; categoricals encoded with the dataset's categories unless ``encode=False``."""
+def load_split(
+    store: Store,
+    silver_url: str,
+    split: SplitParams,
+    part: Literal["train", "valid", "holdout"],
+    columns: list[str],
+    encode: bool = True,
+) -> dd.DataFrame:
+    """One time slice of the silver data; categoricals encoded with the dataset's categories unless
+    ``encode=False``."""
     manifest = open_manifest(store, silver_url)
     frame = read_dataset(store, silver_url, columns=[TIME_KEY, *columns])
     t_end = pd.Timestamp(split.train_end, tz="UTC")
@@ -201,8 +229,13 @@ def load_split(store: Store, silver_url: str, split: SplitParams, part: Literal[
 
 
 def xgb_params(params: TrainParams, device: str) -> dict[str, Any]:
-    common = {"objective": "binary:logistic", "eval_metric": ["logloss", "auc"], "tree_method": "hist",
-              "device": device, "seed": params.seed}
+    common = {
+        "objective": "binary:logistic",
+        "eval_metric": ["logloss", "auc"],
+        "tree_method": "hist",
+        "device": device,
+        "seed": params.seed,
+    }
     if params.family == "random_forest":
         rf = params.random_forest
         return common | {
@@ -245,8 +278,15 @@ def resolve_device(client: Any, device: str) -> str:
     return device
 
 
-def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categories: dict[str, list[str]],
-        params: TrainParams, device: str, workers: list[str] | None = None) -> Fitted:
+def fit(
+    client: Any,
+    frames: dict[str, dd.DataFrame],
+    features: list[str],
+    categories: dict[str, list[str]],
+    params: TrainParams,
+    device: str,
+    workers: list[str] | None = None,
+) -> Fitted:
     """Fit ``params.family`` on the train frame, stopping early on the valid frame.
 
     Trees train with ``xgboost.dask`` on the workers that hold the partitions
@@ -260,10 +300,21 @@ def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categ
     if workers is not None and len(workers) == 1:
         return _fit_booster_on(client, workers[0], frames, features, params, device)
     types = feature_types(features)
-    dtrain = xgb.dask.DaskQuantileDMatrix(client, frames["train"][features], frames["train"][LABEL],
-                                          feature_types=types, enable_categorical=True)
-    dvalid = xgb.dask.DaskQuantileDMatrix(client, frames["valid"][features], frames["valid"][LABEL],
-                                          feature_types=types, enable_categorical=True, ref=dtrain)
+    dtrain = xgb.dask.DaskQuantileDMatrix(
+        client,
+        frames["train"][features],
+        frames["train"][LABEL],
+        feature_types=types,
+        enable_categorical=True,
+    )
+    dvalid = xgb.dask.DaskQuantileDMatrix(
+        client,
+        frames["valid"][features],
+        frames["valid"][LABEL],
+        feature_types=types,
+        enable_categorical=True,
+        ref=dtrain,
+    )
     booster_params = xgb_params(params, device)
     forest = params.family == "random_forest"
     output = xgb.dask.train(
@@ -280,43 +331,91 @@ def fit(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categ
     best = 0 if forest else int(booster.best_iteration)
     if not forest:  # keep only the rounds up to the best one: what is saved is what was validated
         booster = booster[: best + 1]
-    return Fitted(booster, bytes(booster.save_raw(raw_format="ubj")), MODEL_FILE, best,
-                  float(history["logloss"][best]), float(history["auc"][best]), booster_params)
+    return Fitted(
+        booster,
+        bytes(booster.save_raw(raw_format="ubj")),
+        MODEL_FILE,
+        best,
+        float(history["logloss"][best]),
+        float(history["auc"][best]),
+        booster_params,
+    )
 
 
-def _booster_on_worker(train_parts: list[pd.DataFrame], valid_parts: list[pd.DataFrame], features: list[str],
-                       booster_params: dict[str, Any], rounds: int, early_stopping: int | None) -> tuple[bytes, int, float, float]:
+def _booster_on_worker(
+    train_parts: list[pd.DataFrame],
+    valid_parts: list[pd.DataFrame],
+    features: list[str],
+    booster_params: dict[str, Any],
+    rounds: int,
+    early_stopping: int | None,
+) -> tuple[bytes, int, float, float]:
     """Train one booster inside a Dask task with the worker's threads (one search candidate on its slot)."""
     from distributed import get_worker
 
     types = feature_types(features)
     train_frame, valid_frame = pd.concat(train_parts), pd.concat(valid_parts)
     nthread = get_worker().state.nthreads
-    dtrain = xgb.QuantileDMatrix(train_frame[features], train_frame[LABEL], feature_types=types,
-                                 enable_categorical=True, nthread=nthread)
-    dvalid = xgb.QuantileDMatrix(valid_frame[features], valid_frame[LABEL], feature_types=types,
-                                 enable_categorical=True, nthread=nthread, ref=dtrain)
+    dtrain = xgb.QuantileDMatrix(
+        train_frame[features],
+        train_frame[LABEL],
+        feature_types=types,
+        enable_categorical=True,
+        nthread=nthread,
+    )
+    dvalid = xgb.QuantileDMatrix(
+        valid_frame[features],
+        valid_frame[LABEL],
+        feature_types=types,
+        enable_categorical=True,
+        nthread=nthread,
+        ref=dtrain,
+    )
     history: dict[str, Any] = {}
-    booster = xgb.train(booster_params | {"nthread": nthread}, dtrain, num_boost_round=rounds, evals=[(dvalid, "valid")],
-                        early_stopping_rounds=early_stopping, evals_result=history, verbose_eval=False)
+    booster = xgb.train(
+        booster_params | {"nthread": nthread},
+        dtrain,
+        num_boost_round=rounds,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=early_stopping,
+        evals_result=history,
+        verbose_eval=False,
+    )
     best = int(booster.best_iteration) if early_stopping else 0
     if early_stopping:
         booster = booster[: best + 1]
-    return (bytes(booster.save_raw(raw_format="ubj")), best, float(history["valid"]["logloss"][best]),
-            float(history["valid"]["auc"][best]))
+    return (
+        bytes(booster.save_raw(raw_format="ubj")),
+        best,
+        float(history["valid"]["logloss"][best]),
+        float(history["valid"]["auc"][best]),
+    )
 
 
-def _fit_booster_on(client: Any, worker: str, frames: dict[str, dd.DataFrame], features: list[str],
-                    params: TrainParams, device: str) -> Fitted:
+def _fit_booster_on(
+    client: Any,
+    worker: str,
+    frames: dict[str, dd.DataFrame],
+    features: list[str],
+    params: TrainParams,
+    device: str,
+) -> Fitted:
     booster_params = xgb_params(params, device)
     forest = params.family == "random_forest"
     where = {"workers": [worker], "allow_other_workers": False}
     parts = {p: client.compute(f.to_delayed(), **where) for p, f in frames.items()}
     try:
         raw, best, logloss, auc = client.submit(
-            _booster_on_worker, parts["train"], parts["valid"], features, booster_params,
-            1 if forest else params.num_boost_round, None if forest else params.early_stopping_rounds,
-            pure=False, **where).result()
+            _booster_on_worker,
+            parts["train"],
+            parts["valid"],
+            features,
+            booster_params,
+            1 if forest else params.num_boost_round,
+            None if forest else params.early_stopping_rounds,
+            pure=False,
+            **where,
+        ).result()
     finally:
         for futures in parts.values():
             for f in futures:
@@ -324,17 +423,42 @@ def _fit_booster_on(client: Any, worker: str, frames: dict[str, dd.DataFrame], f
     return Fitted(load_raw(raw), raw, MODEL_FILE, best, logloss, auc, booster_params)
 
 
-def _fit_linear(client: Any, frames: dict[str, dd.DataFrame], features: list[str], categories: dict[str, list[str]],
-                params: TrainParams, workers: list[str] | None) -> Fitted:
+def _fit_linear(
+    client: Any,
+    frames: dict[str, dd.DataFrame],
+    features: list[str],
+    categories: dict[str, list[str]],
+    params: TrainParams,
+    workers: list[str] | None,
+) -> Fitted:
     from sklearn.metrics import roc_auc_score
 
     where = {"workers": workers, "allow_other_workers": False} if workers else {}
     parts = {p: client.compute(f[[*features, LABEL]].to_delayed(), **where) for p, f in frames.items()}
     try:
-        result = fit_linear(client, parts["train"], parts["valid"], features, [c for c in CATEGORICAL if c in features],
-                            {c: len(categories[c]) for c in CATEGORICAL if c in features}, LABEL, params.linear, workers)
-        scored = client.gather([client.submit(lambda part, m: (m.inplace_predict(part), part[LABEL].to_numpy()), p,
-                                              result.model, pure=False, **where) for p in parts["valid"]])
+        result = fit_linear(
+            client,
+            parts["train"],
+            parts["valid"],
+            features,
+            [c for c in CATEGORICAL if c in features],
+            {c: len(categories[c]) for c in CATEGORICAL if c in features},
+            LABEL,
+            params.linear,
+            workers,
+        )
+        scored = client.gather(
+            [
+                client.submit(
+                    lambda part, m: (m.inplace_predict(part), part[LABEL].to_numpy()),
+                    p,
+                    result.model,
+                    pure=False,
+                    **where,
+                )
+                for p in parts["valid"]
+            ]
+        )
     finally:
         for futures in parts.values():
             for f in futures:
@@ -342,17 +466,27 @@ def _fit_linear(client: Any, frames: dict[str, dd.DataFrame], features: list[str
     p_valid = np.concatenate([s[0] for s in scored])
     y_valid = np.concatenate([s[1] for s in scored]).astype(int)
     auc = float(roc_auc_score(y_valid, p_valid)) if len(np.unique(y_valid)) == 2 else float("nan")
-    return Fitted(result.model, result.model.to_bytes(), LINEAR_FILE, result.best_iteration, result.valid_logloss,
-                  auc, asdict(params.linear) | {"iterations": result.iterations})
+    return Fitted(
+        result.model,
+        result.model.to_bytes(),
+        LINEAR_FILE,
+        result.best_iteration,
+        result.valid_logloss,
+        auc,
+        asdict(params.linear) | {"iterations": result.iterations},
+    )
 
 
 def model_version(cleaned: CleanResult, params: TrainParams, split: SplitParams) -> str:
     # The device is not part of the version: the same data and params give the same model.
-    return content_version("train", cleaned.silver.version, params.identity(), asdict(split), code_version("train"))
+    return content_version(
+        "train", cleaned.silver.version, params.identity(), asdict(split), code_version("train")
+    )
 
 
-def load_frames(store: Store, client: Any, cleaned: CleanResult, split: SplitParams,
-                place_on: str | None = None) -> tuple[dict[str, dd.DataFrame], dict[str, int]]:
+def load_frames(
+    store: Store, client: Any, cleaned: CleanResult, split: SplitParams, place_on: str | None = None
+) -> tuple[dict[str, dd.DataFrame], dict[str, int]]:
     """Train and valid slices, persisted: spread over every worker, or all on ``place_on``."""
     frames, rows = {}, {}
     for p in ("train", "valid"):
@@ -369,12 +503,22 @@ def place(client: Any, frame: dd.DataFrame, worker: str) -> tuple[dd.DataFrame, 
     where = {"workers": [worker], "allow_other_workers": False}
     placed = [client.compute(part, **where) for part in frame.to_delayed()]
     lengths = client.gather([client.submit(len, f, pure=False, **where) for f in placed])
-    kept = [f for f, n in zip(placed, lengths) if n] or placed[:1]
+    kept = [f for f, n in zip(placed, lengths, strict=False) if n] or placed[:1]
     return dd.from_delayed(kept, meta=frame._meta, verify_meta=False), int(sum(lengths))
 
 
-def write_model(store: Store, cleaned: CleanResult, params: TrainParams, split: SplitParams, model: str, device: str,
-                fitted: Fitted, rows: dict[str, int], seconds: float, search: dict[str, Any] | None = None) -> TrainResult:
+def write_model(
+    store: Store,
+    cleaned: CleanResult,
+    params: TrainParams,
+    split: SplitParams,
+    model: str,
+    device: str,
+    fitted: Fitted,
+    rows: dict[str, int],
+    seconds: float,
+    search: dict[str, Any] | None = None,
+) -> TrainResult:
     """Commit a fitted model: the artifact first, ``train.json`` last (it marks the version complete)."""
     version = model_version(cleaned, params, split)
     model_url = store.model_url(model, version)
@@ -415,8 +559,14 @@ def committed_model(store: Store, model_url: str) -> TrainResult | None:
     return info if exists(store, posixpath.join(model_url, info.model_file)) else None
 
 
-def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams = TrainParams(),
-          split: SplitParams = SplitParams(), model: str = "flights_late") -> TrainResult:
+def train(
+    store: Store,
+    cleaned: CleanResult,
+    client: Any,
+    params: TrainParams = TrainParams(),
+    split: SplitParams = SplitParams(),
+    model: str = "flights_late",
+) -> TrainResult:
     device = resolve_device(client, params.device)
     done = committed_model(store, store.model_url(model, model_version(cleaned, params, split)))
     if done is not None:
@@ -424,7 +574,9 @@ def train(store: Store, cleaned: CleanResult, client: Any, params: TrainParams =
     started = time.perf_counter()
     frames, rows = load_frames(store, client, cleaned, split)
     fitted = fit(client, frames, cleaned.features, cleaned.categories, params, device)
-    return write_model(store, cleaned, params, split, model, device, fitted, rows, time.perf_counter() - started)
+    return write_model(
+        store, cleaned, params, split, model, device, fitted, rows, time.perf_counter() - started
+    )
 
 
 def load_raw(raw: bytes, model_file: str = MODEL_FILE) -> Any:
@@ -439,7 +591,9 @@ def load_raw(raw: bytes, model_file: str = MODEL_FILE) -> Any:
 def load_booster(store: Store, model_url: str) -> Any:
     """The model at ``model_url`` (its artifact named in train.json; model.ubj for older versions)."""
     info_url = posixpath.join(model_url, TRAIN_INFO)
-    model_file = read_json(store, info_url).get("model_file", MODEL_FILE) if exists(store, info_url) else MODEL_FILE
+    model_file = (
+        read_json(store, info_url).get("model_file", MODEL_FILE) if exists(store, info_url) else MODEL_FILE
+    )
     with store.fs.open(store.path(posixpath.join(model_url, model_file)), "rb") as fh:
         raw = fh.read()
     return load_raw(raw, model_file)
@@ -449,13 +603,20 @@ def predict_dask(client: Any, model: Any, frame: dd.DataFrame) -> dd.Series:
     """Probabilities for an encoded dask frame of the model's features, partition by partition."""
     if isinstance(model, xgb.Booster):
         return xgb.dask.inplace_predict(client, model, frame)
-    return frame.map_partitions(lambda part, m: pd.Series(m.inplace_predict(part), index=part.index, dtype="float64"),
-                                model, meta=pd.Series(dtype="float64"))
+    return frame.map_partitions(
+        lambda part, m: pd.Series(m.inplace_predict(part), index=part.index, dtype="float64"),
+        model,
+        meta=pd.Series(dtype="float64"),
+    )
 
 
 def importance(model: Any) -> dict[str, float]:
     """Share of importance per feature: total gain for trees, |standardised weight| for the linear model."""
-    raw = model.importance() if isinstance(model, LinearModel) else model.get_score(importance_type="total_gain")
+    raw = (
+        model.importance()
+        if isinstance(model, LinearModel)
+        else model.get_score(importance_type="total_gain")
+    )
     total = sum(raw.values()) or 1.0
     return {k: v / total for k, v in sorted(raw.items(), key=lambda kv: -kv[1])}
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.ingest import packaged_source_url
-
-SAMPLE_ROWS = 60_000  # enough flights for a stable lift over the baseline, small enough to be quick
+from conveyor.tasks.ingest import packaged_source_url
+from tests.support import SAMPLE_ROWS
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from tasks.train import gpu_count
+    from conveyor.resources import gpu_count
 
     if gpu_count():
         return
@@ -41,7 +40,10 @@ def dask_client():
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A real Prefect API (a temporary server process) for the session; prefect-dask's pattern."""
+    """A real Prefect API (a temporary server process) for the session; prefect-dask's pattern.
+
+    The one definition: every test module that needs the API asks for this fixture.
+    """
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -64,16 +66,6 @@ def small_source(tmp_path_factory: pytest.TempPathFactory, packaged_dir: Path) -
     return folder
 
 
-def source_with(base: Path, dest: Path, flights: pd.DataFrame) -> Path:
-    """A copy of ``base`` whose flights table is ``flights``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in base.iterdir():
-        if item.name != "flights.csv":
-            shutil.copy(item, dest / item.name)
-    flights.to_csv(dest / "flights.csv", index=False)
-    return dest
-
-
 @dataclass
 class PipelineRun:
     store: object
@@ -87,8 +79,8 @@ class PipelineRun:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> PipelineRun:
     """The five stages once, on a deterministic sample of the real flights."""
-    from tasks import clean, deploy, evaluate, ingest, train
-    from tasks.storage import Store
+    from conveyor.store.storage import Store
+    from conveyor.tasks import clean, deploy, evaluate, ingest, train
 
     store = Store.from_url(tmp_path_factory.mktemp("store").as_uri())
     ingested = ingest.ingest(store, dask_client, None, ingest.IngestParams(max_rows=SAMPLE_ROWS))
@@ -101,9 +93,11 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> Pipel
 
 # --- a webhook receiver for alerts -----------------------------------------------------------
 
+
 @pytest.fixture
 def receiver():
-    """A real HTTP webhook receiver on a loopback port: yields (url, received JSON bodies); stopped in teardown."""
+    """A real HTTP webhook receiver on a loopback port: yields (url, received JSON bodies); stopped in
+    teardown."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,6 +128,15 @@ def receiver():
         thread.join(timeout=10)
 
 
+@pytest.fixture
+def alert_receiver(receiver, monkeypatch):
+    """The webhook receiver, with CONVEYOR_ALERT_WEBHOOKS pointing send_alert at it."""
+    url, received = receiver
+    monkeypatch.setenv("CONVEYOR_ALERT_WEBHOOKS", url)
+    monkeypatch.setenv("CONVEYOR_ALERT_APPRISE", "")
+    return received
+
+
 # --- S3: a real S3 protocol server (moto's server mode), s3fs's own test pattern -------------
 
 S3_KEYS = {"key": "testing", "secret": "testing"}
@@ -144,7 +147,7 @@ def s3_endpoint():
     """moto's ThreadedMotoServer on a loopback port for the session; stopped in teardown."""
     from moto.server import ThreadedMotoServer
 
-    from flows.api import free_port
+    from conveyor.prefect_api import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -165,7 +168,9 @@ def s3_options(s3_endpoint, monkeypatch) -> dict:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"), timeout=10
+    ).close()
     s3fs.S3FileSystem.clear_instance_cache()
     options = {"endpoint_url": s3_endpoint, **S3_KEYS}
     s3fs.S3FileSystem(**options).mkdir("conveyor-test")

@@ -1,4 +1,5 @@
-"""Fault-injection suite plumbing: a tally of injected faults printed as one line, an S3 fault proxy, a receiver.
+"""Fault-injection suite plumbing: a tally of injected faults printed as one line, an S3 fault proxy, a
+receiver.
 
 Each fault test records what it injected and what it observed through the
 ``faults`` fixture; the last line of the run (also with ``-q``) is
@@ -29,8 +30,11 @@ class Tally:
     names: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"faults injected {self.injected}, recovered {self.recovered}, rows lost {self.rows_lost}, "
-                f"partial objects visible {self.partial_visible}, alerts delivered {self.alerts_delivered}/{self.alerts_sent}")
+        return (
+            f"faults injected {self.injected}, recovered {self.recovered}, rows lost {self.rows_lost}, "
+            f"partial objects visible {self.partial_visible}, "
+            f"alerts delivered {self.alerts_delivered}/{self.alerts_sent}"
+        )
 
 
 TALLY = Tally()
@@ -94,9 +98,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # --- an S3 fault proxy in front of moto's server ---------------------------------------------
 
-S3_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-               b"<Message>Please reduce your request rate.</Message></Error>")
-HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "content-length"}
+S3_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "content-length",
+}
 
 
 @dataclass
@@ -153,15 +168,22 @@ class S3FaultProxy:
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
                     headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body if self.command not in {"GET", "HEAD"} or body else None,
-                                 headers=headers)
+                    conn.request(
+                        self.command,
+                        self.path,
+                        body=body if self.command not in {"GET", "HEAD"} or body else None,
+                        headers=headers,
+                    )
                     resp = conn.getresponse()
                     data = resp.read()
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() not in HOP:
                             self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
+                    self.send_header(
+                        "Content-Length",
+                        str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0),
+                    )
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
@@ -182,7 +204,11 @@ class S3FaultProxy:
         with self.lock:
             self.requests.append((method, path))
             for rule in self.rules:
-                if rule.method in {method, "*"} and re.search(rule.pattern, path) and (rule.times < 0 or rule.hits < rule.times):
+                if (
+                    rule.method in {method, "*"}
+                    and re.search(rule.pattern, path)
+                    and (rule.times < 0 or rule.hits < rule.times)
+                ):
                     rule.hits += 1
                     return rule
         return None
@@ -197,7 +223,7 @@ class S3FaultProxy:
         with self.lock:
             self.rules.clear()
 
-    def start(self) -> "S3FaultProxy":
+    def start(self) -> S3FaultProxy:
         self.thread.start()
         return self
 
@@ -222,11 +248,3 @@ def s3_proxy(s3_options, monkeypatch):
     finally:
         proxy.stop()
         s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="package")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield

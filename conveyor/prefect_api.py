@@ -1,0 +1,147 @@
+"""One Prefect API for the flow and every Dask worker.
+
+Without ``PREFECT_API_URL`` each Dask worker *process* would start its own
+temporary API on the same SQLite file (slow, and ``database is locked``).
+So the CLI uses ``PREFECT_API_URL`` when it is set, else reuses a local
+``prefect server`` already listening, else starts one and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from conveyor.settings import PREFECT_PORT as DEFAULT_PORT
+
+START_TIMEOUT_S = 180.0
+
+# Set for every process we start or configure: no telemetry calls from a machine with no internet.
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLI_PROMPT": "false",
+}
+
+
+@dataclass
+class PrefectApi:
+    url: str  # .../api
+    started: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def ui_url(self) -> str:
+        return self.url.removesuffix("/api")
+
+    def stop(self) -> None:
+        """Stop the server we started (its whole process group); a reused one is left alone."""
+        proc, self.started = self.started, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(home: Path, port: int, log_path: Path) -> PrefectApi:
+    """Start ``prefect server`` on loopback in its own process group and wait until it answers."""
+    home.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ.copy() | QUIET_ENV | {"PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    url = f"http://127.0.0.1:{port}/api"
+    log = open(log_path, "ab")  # noqa: SIM115 (handed to the child process, closed right after)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--analytics-off",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log.close()
+    api = PrefectApi(url=url, started=proc, log_path=log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log_path}")
+        if healthy(url):
+            return api
+        time.sleep(0.5)
+    api.stop()
+    raise RuntimeError(
+        f"prefect server did not answer on {url} within {START_TIMEOUT_S:.0f}s; see {log_path}"
+    )
+
+
+def ensure_api(home: Path, port: int = DEFAULT_PORT) -> PrefectApi:
+    """The API URL to use, starting a local server if nothing is configured or listening."""
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured:
+        if not healthy(configured, timeout=10):
+            raise RuntimeError(f"PREFECT_API_URL={configured} does not answer /health")
+        return PrefectApi(url=configured)
+    local = f"http://127.0.0.1:{port}/api"
+    if healthy(local):
+        return PrefectApi(url=local)
+    if not _port_free(port):
+        port = free_port()
+    return start_server(home, port, home / "server.log")
+
+
+def export(api: PrefectApi) -> None:
+    """Point this process and every child (Dask workers included) at ``api``."""
+    os.environ.update(QUIET_ENV)
+    os.environ["PREFECT_API_URL"] = api.url
+
+
+def drain_prefect(timeout: float = 10.0) -> None:
+    """Send queued logs and events now, while the API still answers (else they retry after it stops)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except RuntimeError:  # never started in this process
+            pass

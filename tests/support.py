@@ -1,0 +1,100 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py; no test imports another)."""
+
+from __future__ import annotations
+
+import posixpath
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from conveyor.settings import DEFAULT_MODEL
+from conveyor.store.registry import CHAMPION, register_card, set_alias
+from conveyor.store.storage import Store, write_bytes_atomic
+from conveyor.tasks import deploy as deploy_stage
+from conveyor.tasks import evaluate as evaluate_stage
+from conveyor.tasks import train as train_stage
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_ROWS = 60_000  # enough flights for a stable lift over the baseline, small enough to be quick
+MODEL = DEFAULT_MODEL
+WAIT_S = 60.0  # how long to wait for a watcher to act; a bound for a hung test, not a timing assertion
+
+
+def source_with(base: Path, dest: Path, flights: pd.DataFrame) -> Path:
+    """A copy of ``base`` whose flights table is ``flights``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.name != "flights.csv":
+            shutil.copy(item, dest / item.name)
+    flights.to_csv(dest / "flights.csv", index=False)
+    return dest
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+_VARIANTS: dict[tuple[str, str], tuple] = {}
+VARIANT_PARAMS = {
+    # A second, slightly different good model (a challenger for hot reloads).
+    "alt": train_stage.TrainParams(num_boost_round=200, max_depth=3, seed=7),
+    # A clearly worse one: a handful of depth-1 trees.
+    "weak": train_stage.TrainParams(num_boost_round=3, max_depth=1, learning_rate=0.05, seed=11),
+}
+
+
+def variant(pipeline_run, dask_client, name: str):
+    """(trained, evaluation) of another model on the session's data, evaluated against the session's champion.
+
+    Trained and registered in the shared store (a new version folder; no alias moves).
+    Cached per session process: train is content-versioned, evaluate is not free.
+    """
+    key = (pipeline_run.store.root, name)
+    if key not in _VARIANTS:
+        store, cleaned = pipeline_run.store, pipeline_run.cleaned
+        trained = train_stage.train(store, cleaned, dask_client, VARIANT_PARAMS[name])
+        champion = pipeline_run.trained
+        evaluation = evaluate_stage.evaluate(
+            store,
+            cleaned,
+            trained,
+            dask_client,
+            champion_url=champion.model_url,
+            champion_version=champion.version,
+        )
+        deploy_stage.register(store, cleaned, trained, evaluation)
+        _VARIANTS[key] = (trained, evaluation)
+    return _VARIANTS[key]
+
+
+def copy_version(src: Store, dst: Store, model: str, version: str) -> None:
+    src.fs.get(
+        src.path(src.model_url(model, version)), dst.path(dst.model_url(model, version)), recursive=True
+    )
+
+
+def fresh_store(root: Path, pipeline_run, *versions: str, champion: str | None = None) -> Store:
+    """A new local store holding copies of registered ``versions``, with ``champion`` (default: the first)
+    set."""
+    store = Store.from_url(root.as_uri())
+    for v in versions:
+        copy_version(pipeline_run.store, store, MODEL, v)
+    set_alias(store, MODEL, CHAMPION, champion or versions[0], "test set-up", expected=None, action="promote")
+    return store
+
+
+def fake_versions(store: Store, *versions: str, model: str = MODEL) -> None:
+    """Registered versions with a dummy artifact: enough for alias tests, which never load the model."""
+    for v in versions:
+        write_bytes_atomic(store, posixpath.join(store.model_url(model, v), "model.ubj"), b"not a model")
+        register_card(
+            store, model, v, {"model": model, "version": v, "registered_at": v, "metrics": {"roc_auc": 0.7}}
+        )
