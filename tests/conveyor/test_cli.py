@@ -85,7 +85,8 @@ def test_bad_search_family_gets_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_family_and_search_flags_build_the_params() -> None:
-    from conveyor.cli import build_params, build_parser
+    from conveyor.cli import build_parser
+    from conveyor.cli.runs import build_params
 
     args = build_parser().parse_args(
         ["run", "--family", "linear", "--search-budget", "4", "--search-families", "linear, random_forest"]
