@@ -183,7 +183,7 @@ def run(
             client = getattr(local, "client", None)
             if client is None:
                 client = local.client = httpx.Client(base_url=url, timeout=60)
-            resp = client.post("/predict", json=payload)
+            resp = client.post("/predict/features", json=payload)
             resp.raise_for_status()
 
         single_payload, batch_payload = {"rows": rows[:1]}, {"rows": rows}

@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
     from conveyor.cluster import quiet_dask_logs
     from conveyor.store.storage import Store
     from conveyor.tasks import clean, ingest, train
-    from conveyor.tasks.clean import LABEL
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-engines-"))
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         ):
             store = Store.from_url((work / "store").as_uri())
             cleaned = clean.clean(store, ingest.ingest(store, client, source.as_uri()), client)
+            LABEL = cleaned.schema.label  # noqa: N806 (the label column, from the silver schema)
             params, split = train.TrainParams(), train.SplitParams()
             features = cleaned.features
             nthread = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())

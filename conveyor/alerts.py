@@ -7,6 +7,7 @@ Destinations come from the environment (never from code or parameters):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 logger = logging.getLogger("conveyor.alerts")
 
@@ -46,10 +48,23 @@ def _split(name: str) -> list[str]:
 
 
 def _redact(url: str) -> str:
-    """Destinations may carry tokens in the URL: log the scheme and host only."""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    return f"{scheme}://{host}/…"
+    """How a destination is named in logs and reports: never a secret it carries.
+
+    Webhooks (``http``/``https``) show their scheme and host name. Apprise URLs
+    keep secrets anywhere, the host part included (``tgram://123:SECRET/chat``,
+    ``slack://TokenA/TokenB/TokenC``), so only their scheme is shown. A short
+    digest of the whole URL tells destinations apart without revealing them.
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower() if sep and scheme.isascii() and scheme.isalnum() else "?"
+    digest = hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()[:8]
+    if scheme in {"http", "https"}:
+        try:
+            host = urlsplit(url).hostname or "?"
+        except ValueError:
+            host = "?"
+        return f"{scheme}://{host}/… [{digest}]"
+    return f"{scheme}://… [{digest}]"
 
 
 def _post(url: str, payload: bytes) -> None:

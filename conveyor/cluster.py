@@ -11,6 +11,8 @@ from typing import Any
 
 from conveyor.resources import gpu_count
 
+logger = logging.getLogger(__name__)
+
 
 def quiet_dask_logs() -> None:
     """P2P shuffles log every start and stop at WARNING; that is progress, not a problem."""
@@ -23,6 +25,23 @@ def _rmm_pool_size() -> float | str:
         return float(raw)  # a fraction of each GPU's memory
     except ValueError:
         return raw  # "30GB"
+
+
+def rmm_available() -> bool:
+    """Whether ``rmm`` imports here: dask-cuda refuses a pool without it (``ValueError``)."""
+    try:
+        import rmm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _rmm_options() -> dict[str, Any]:
+    """An RMM pool per GPU worker when rmm is installed; else none, said once (the lockfile has no rmm)."""
+    if rmm_available():
+        return {"rmm_pool_size": _rmm_pool_size()}
+    logger.warning("rmm is not installed: GPU workers run without an RMM memory pool (install rmm for one)")
+    return {}
 
 
 @dataclass(frozen=True)
@@ -50,13 +69,13 @@ def resolve(cluster: str, n_workers: int | None = None) -> ClusterChoice:
 
 def cluster_kwargs(choice: ClusterChoice) -> dict[str, Any]:
     common = {
-        "dashboard_address": ":0",
+        "dashboard_address": "127.0.0.1:0",  # loopback: the dashboard is not for the network
         "n_workers": choice.n_workers,
         "threads_per_worker": choice.threads_per_worker,
     }
     if choice.kind == "gpu":
-        # One worker per GPU, an RMM pool, spilling device memory to host when full.
-        return common | {"rmm_pool_size": _rmm_pool_size(), "enable_cudf_spill": False}
+        # One worker per GPU, an RMM pool where rmm is installed, no cuDF spilling.
+        return common | _rmm_options() | {"enable_cudf_spill": False}
     return common | {"processes": True}
 
 

@@ -12,3 +12,13 @@ class InputError(ValueError):
         self.problem = problem
         where = f"{source}: field '{field}'" if field else source
         super().__init__(f"{where}: {problem}")
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot run: names the spec file, the field and, where there is one, the column."""
+
+    def __init__(self, spec: str, field: str, problem: str):
+        self.spec = spec
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{spec}: {field}: {problem}")

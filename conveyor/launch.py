@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from conveyor.settings import PREFECT_PORT, prefect_home
 
@@ -31,14 +30,22 @@ class Launched:
 
 
 def with_prefect(run: Callable[[], Any], port: int = PREFECT_PORT, keep_server: bool = False) -> Launched:
-    """Call ``run`` with one Prefect API exported for this process and its children."""
+    """Call ``run`` (a flow) with one Prefect API exported for this process and its children.
+
+    Output is kept quiet (conveyor.quiet): a user error is logged without a traceback.
+    """
+    from conveyor import quiet
     from conveyor.prefect_api import drain_prefect, ensure_api, export
 
+    quiet.install()
     api = ensure_api(prefect_home(), port)
     started_here = api.started is not None
     export(api)
     try:
         result = run()
+    except Exception as exc:
+        quiet.mark_logged(exc)  # the flow engine logged it
+        raise
     finally:
         if started_here and not keep_server:
             drain_prefect()
@@ -73,7 +80,8 @@ def params_parser(model: type[BaseModel], description: str) -> argparse.Argument
             type=kind,
             default=None,
             required=info.is_required(),
-            help=f"{info.title or name}" + (f" (default: {default})" if default is not None else ""),
+            help=(f"{info.title or name}: {info.description or ''}".rstrip(": ").replace("%", "%%"))
+            + (f" (default: {default})" if default is not None else ""),
         )
     parser.add_argument("--params-json", default=None, help="JSON file of further parameters")
     parser.add_argument("--prefect-port", type=int, default=PREFECT_PORT, help="local Prefect server port")
@@ -89,15 +97,18 @@ def parse_params(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
 
 
 def flow_main(flow: Callable[[Any], Any], model: type[BaseModel], argv: Sequence[str] | None = None) -> int:
-    """``python -m conveyor.flows.<name>``: parse the flow's parameter model, run it, print the result."""
+    """``python -m conveyor.flows.<name>``: parse the flow's parameter model, run it, print the result.
+
+    A user error (bad parameters, input or spec) ends with one line and a hint, a bug with its traceback.
+    """
+    from conveyor import quiet
+
     parser = params_parser(model, (flow.__doc__ or "").strip().split("\n")[0])
     args = parser.parse_args(argv)
     try:
         params = parse_params(model, args)
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"conveyor: invalid parameters: {errors}", file=sys.stderr)
-        return 2
-    launched = with_prefect(lambda: flow(params), args.prefect_port)
+        launched = with_prefect(lambda: flow(params), args.prefect_port)
+    except Exception as exc:
+        return quiet.report(exc, prog=parser.prog)
     print(launched.result)
     return 0

@@ -29,11 +29,16 @@ from typing import Any, TypeVar
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conveyor import quiet
 from conveyor.errors import InputError
 from conveyor.store.storage import StorageError
 
 T = TypeVar("T")
 logger = logging.getLogger("conveyor.policy")
+
+# Every flow imports this module before it runs, also in a flow-run process a Prefect worker started (no
+# CLI there): a user error is logged as its one line, library chatter is filtered (conveyor.quiet).
+quiet.install()
 
 STAGES = ("ingest", "clean", "train", "evaluate", "deploy", "monitor")
 
@@ -348,6 +353,8 @@ def run_stage(
     from distributed import Client
 
     client = Client(address, timeout=connect_timeout) if address else None
+    if client is not None:
+        quiet.quiet_workers(client)  # no XGBoost rank lines from the workers
     outcome: dict[str, Any] = {}
     finished = threading.Event()
 

@@ -3,11 +3,13 @@
 Without ``PREFECT_API_URL`` each Dask worker *process* would start its own
 temporary API on the same SQLite file (slow, and ``database is locked``).
 So the CLI uses ``PREFECT_API_URL`` when it is set, else reuses a local
-``prefect server`` already listening, else starts one and stops it on exit.
+``prefect server`` already listening (checked to be one: see
+:func:`is_prefect_server`), else starts one and stops it on exit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,6 +63,50 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _get_json(url: str, timeout: float) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        if resp.status != 200:
+            return None
+        return json.loads(resp.read(4096))
+
+
+def is_prefect_server(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether ``api_url`` is a Prefect server this client can use, not merely something answering 200.
+
+    Three answers only a Prefect server gives: ``/health`` is JSON ``true``,
+    ``/version`` is the REST API version this client speaks
+    (``prefect.client.constants.SERVER_API_VERSION``, the marker), and
+    ``/admin/version`` is a Prefect release of the same major.minor as ours.
+    """
+    # Without importing prefect: an import before export() sets PREFECT_API_URL would pin this
+    # process to a temporary server of its own (seen: runs missing from the --prefect-port server).
+    ours, marker = _client_versions()
+    base = api_url.rstrip("/")
+    try:
+        if _get_json(f"{base}/health", timeout) is not True:
+            return False
+        if _get_json(f"{base}/version", timeout) != marker:
+            return False
+        release = _get_json(f"{base}/admin/version", timeout)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return isinstance(release, str) and release.split(".")[:2] == ours.split(".")[:2]
+
+
+def _client_versions() -> tuple[str, str]:
+    """(installed prefect release, the REST API version its client speaks), read without importing it."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    release = importlib.metadata.version("prefect")
+    spec = importlib.util.find_spec("prefect")
+    constants = Path(spec.origin).parent / "client" / "constants.py" if spec and spec.origin else None
+    text = constants.read_text() if constants and constants.exists() else ""
+    found = re.search(r'^SERVER_API_VERSION\s*=\s*"([^"]+)"', text, re.M)
+    return release, found.group(1) if found else ""
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
@@ -78,6 +124,8 @@ def start_server(home: Path, port: int, log_path: Path) -> PrefectApi:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ.copy() | QUIET_ENV | {"PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
+    # The UI asks this URL for its API; without it a server on any port but 4200 shows "Can't connect".
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     url = f"http://127.0.0.1:{port}/api"
     log = open(log_path, "ab")  # noqa: SIM115 (handed to the child process, closed right after)
     proc = subprocess.Popen(
@@ -122,10 +170,10 @@ def ensure_api(home: Path, port: int = DEFAULT_PORT) -> PrefectApi:
             raise RuntimeError(f"PREFECT_API_URL={configured} does not answer /health")
         return PrefectApi(url=configured)
     local = f"http://127.0.0.1:{port}/api"
-    if healthy(local):
+    if is_prefect_server(local):  # adopt only a Prefect server; serve-local deploys and runs a worker on it
         return PrefectApi(url=local)
     if not _port_free(port):
-        port = free_port()
+        port = free_port()  # something else holds the port: ours goes elsewhere
     return start_server(home, port, home / "server.log")
 
 

@@ -2,23 +2,43 @@
 
     conveyor serve --storage-url URL --model flights_late [--port 8000] [--poll-seconds 5]
 
-Endpoints: ``POST /predict`` (``{"rows": [{feature: value, ...}, ...]}``),
-``GET /model`` (version and card), ``GET /health`` (no auth, for probes).
-With ``CONVEYOR_SERVING_TOKEN`` set, ``/predict`` and ``/model`` need
-``Authorization: Bearer <token>``.
+Endpoints: ``POST /predict`` takes raw rows shaped like the spec's main table
+(``{"rows": [{"carrier": "EV", "origin": "LGA", ...}]}``, no label) and
+computes the features server-side with the spec's own code (typing, rules,
+lookup joins against the lookup tables committed with the model's training
+data, derived columns: conveyor.tasks.inference); a row that would be
+quarantined is a 422 naming the rule. ``POST /predict/features`` takes
+feature rows for clients that already hold feature vectors. ``GET /model``
+(version and card), ``GET /health`` (no auth, for probes: a status word and
+versions, never paths or error text), ``GET /openapi.json`` (both request
+bodies typed from the live model's card: every field, its type and allowed
+values).
+
+Closed by default: without ``CONVEYOR_SERVING_TOKEN`` the server refuses to
+start, unless ``--insecure-no-token`` says so explicitly, and then only on a
+loopback address. With the token, ``/predict``, ``/model`` and
+``/openapi.json`` need ``Authorization: Bearer <token>``; ``/docs`` and
+``/redoc`` are off.
+
+``/predict`` reads at most ``CONVEYOR_SERVING_MAX_BODY_BYTES`` (413), takes
+``application/json`` only (415, so a cross-site form cannot drive it), answers
+422 for anything out of type or range (never 500), and runs at most
+``CONVEYOR_SERVING_MAX_CONCURRENCY`` requests at once (503 past it).
 
 Hot reload: a watcher thread polls the alias pointer; a new version is loaded
 and smoke-tested *before* one reference swap makes it live, so a request sees
 either the old model or the new one, never a half-loaded one. A version that
-fails to load is never swapped in: the old model keeps serving, an alert of
-kind ``serving.reload_failed`` goes out once for that version, and ``/health``
-reports it.
+fails to load, for whatever reason, is never swapped in: the old model keeps
+serving, an alert of kind ``serving.reload_failed`` goes out once for that
+version, and ``/health`` says ``stale``. The watcher outlives any error.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import math
 import os
 import threading
 import time
@@ -36,8 +56,9 @@ from fastapi import (  # module level: FastAPI resolves annotations here
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from conveyor import operator
 from conveyor.settings import SERVING_HOST, SERVING_POLL_SECONDS, SERVING_PORT
-from conveyor.store.registry import CHAMPION, ModelLoadError, read_alias
+from conveyor.store.registry import CHAMPION, read_alias
 from conveyor.store.storage import Store
 from conveyor.tasks.loading import LoadedModel, load_model
 
@@ -45,6 +66,12 @@ logger = logging.getLogger("conveyor.serve")
 
 TOKEN_ENV = "CONVEYOR_SERVING_TOKEN"
 MAX_ROWS = 10_000  # per request: a larger batch belongs to the batch scoring flow
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: larger values become inf
+JSON_TYPES = ("application/json",)
+
+
+class ServingConfigError(RuntimeError):
+    """The server would start open or misconfigured: refused, with what to set."""
 
 
 def _default_alert(kind: str, title: str, details: dict[str, Any]) -> None:
@@ -62,54 +89,93 @@ class ModelHolder:
     alias: str = CHAMPION
     alert: Callable[[str, str, dict[str, Any]], None] = _default_alert
     current: LoadedModel | None = None
-    failed_version: str | None = None  # the newest version that failed to load (alerted once)
-    last_error: str = ""
+    failed_version: str | None = None  # the newest version that failed to load
+    problem: str = ""  # a status word for /health: "", "reload_failed", "alias_unreadable", "check_failed"
+    last_error: str = ""  # the full text, for logs and alerts only (it may hold storage paths)
     last_check: float = 0.0
     reloads: int = 0
+    alerted: set[str] = field(default_factory=set)  # versions already alerted about: once each
+    featurizers: dict[str, Any] = field(default_factory=dict)  # version -> its raw-row Featurizer
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def featurizer(self, model: LoadedModel) -> Any:
+        """The raw-row featurizer of ``model`` (its spec and lookup tables), built once per version."""
+        from conveyor.tasks.inference import featurizer_for_card
+
+        found = self.featurizers.get(model.version)
+        if found is None:
+            found = featurizer_for_card(self.store, model.card)
+            self.featurizers = {model.version: found}  # one live version: drop the old one's lookups
+        return found
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``stale`` (serving, but not what the alias says or could not check), or ``no_model``."""
+        if self.current is None:
+            return "no_model"
+        return "stale" if self.problem else "ok"
+
     def check(self) -> bool:
-        """Load the alias's version if it changed; True if a new model went live."""
+        """Load the alias's version if it changed; True if a new model went live. Never raises."""
         with self._lock:  # one reload at a time; requests never take this lock
             self.last_check = time.time()
             try:
-                pointer = read_alias(self.store, self.model, self.alias)
-            except Exception as exc:  # a flaky store must not take the server down
-                self.last_error = f"cannot read the {self.alias} alias: {type(exc).__name__}: {exc}"
-                logger.warning("%s", self.last_error)
+                return self._check()
+            except Exception as exc:  # a bug or a surprise in stored data must not end the watcher
+                self.problem, self.last_error = "check_failed", f"{type(exc).__name__}: {exc}"
+                logger.exception("checking %s/%s failed; still serving", self.model, self.alias)
                 return False
-            if pointer is None:
-                if self.current is None:
-                    self.last_error = f"model {self.model} has no {self.alias!r} alias yet"
-                return False
-            live = self.current.version if self.current else None
-            if pointer.version == live:
-                self.failed_version, self.last_error = (
-                    None,
-                    "",
-                )  # e.g. the alias was moved back after a bad push
-                return False
-            if pointer.version == self.failed_version:
-                return False
-            try:
-                loaded = load_model(self.store, self.model, pointer.version)
-            except ModelLoadError as exc:
-                self.failed_version = pointer.version
-                self.last_error = str(exc)
-                logger.error(
-                    "reload of %s %s failed; still serving %s: %s", self.model, pointer.version, live, exc
-                )
-                self.alert(
-                    "serving.reload_failed",
-                    f"{self.model}: version {pointer.version} failed to load; still serving {live}",
-                    {"model": self.model, "version": pointer.version, "serving": live, "error": str(exc)},
-                )
-                return False
-            self.current = loaded  # the atomic swap: one reference assignment
-            self.failed_version, self.last_error = None, ""
-            self.reloads += 1
-            logger.info("now serving %s %s", self.model, loaded.version)
-            return True
+
+    def _check(self) -> bool:
+        try:
+            pointer = read_alias(self.store, self.model, self.alias)
+        except Exception as exc:  # a flaky store must not take the server down
+            self.problem = "alias_unreadable"
+            self.last_error = f"cannot read the {self.alias} alias: {type(exc).__name__}: {exc}"
+            logger.warning("%s", self.last_error)
+            return False
+        if pointer is None:
+            if self.current is None:
+                self.last_error = f"model {self.model} has no {self.alias!r} alias yet"
+            return False
+        live = self.current.version if self.current else None
+        if pointer.version == live:
+            self.failed_version, self.problem, self.last_error = (
+                None,
+                "",
+                "",
+            )  # e.g. moved back after a bad push
+            return False
+        if pointer.version == self.failed_version:
+            return False
+        try:
+            loaded = load_model(self.store, self.model, pointer.version)
+        except Exception as exc:  # ModelLoadError, or anything a damaged card can provoke
+            self._failed(pointer.version, live, exc)
+            return False
+        self.current = loaded  # the atomic swap: one reference assignment
+        self.failed_version, self.problem, self.last_error = None, "", ""
+        self.reloads += 1
+        logger.info("now serving %s %s", self.model, loaded.version)
+        return True
+
+    def _failed(self, version: str, live: str | None, exc: Exception) -> None:
+        self.failed_version, self.problem = version, "reload_failed"
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        logger.error(
+            "reload of %s %s failed; still serving %s: %s", self.model, version, live, self.last_error
+        )
+        if version in self.alerted:
+            return
+        self.alerted.add(version)
+        try:
+            self.alert(
+                "serving.reload_failed",
+                f"{self.model}: version {version} failed to load; still serving {live}",
+                {"model": self.model, "version": version, "serving": live, "error": self.last_error},
+            )
+        except Exception:  # alerting is best effort; the watcher goes on
+            logger.exception("ALERT NOT DELIVERED: serving.reload_failed for %s %s", self.model, version)
 
 
 class Watcher:
@@ -125,7 +191,10 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            self.holder.check()
+            try:
+                self.holder.check()
+            except Exception:  # check() does not raise; this keeps the loop alive even if that changes
+                logger.exception("model watcher: unexpected error; polling on")
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,11 +202,228 @@ class Watcher:
             self._thread.join(timeout=30)
 
 
-def create_app(holder: ModelHolder, poll_seconds: float = 5.0, token: str | None = None) -> Any:
-    """The FastAPI app; the first model is loaded at start-up, the watcher runs for the app's lifetime."""
-    from conveyor.tasks.scoring import predict_frame, rows_to_frame, validate_rows
+def resolve_token(token: str | None = None, insecure_no_token: bool = False) -> str | None:
+    """The bearer token (argument, else ``CONVEYOR_SERVING_TOKEN``); None only when explicitly allowed.
 
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    Raises :class:`ServingConfigError` for no token (without ``insecure_no_token``)
+    and for a placeholder or short token.
+    """
+    token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip()
+    if token:
+        problem = operator.secret_problem(TOKEN_ENV, token)
+        if problem:
+            raise ServingConfigError(f"{problem}; refusing to start")
+        return token
+    if not insecure_no_token:
+        raise ServingConfigError(
+            f"{TOKEN_ENV} is not set: refusing to serve predictions to anyone who asks. Set it, or pass "
+            "--insecure-no-token to serve without one on a loopback address"
+        )
+    return None
+
+
+def check_bind(app: Any, host: str) -> None:
+    """An app without a token may listen on loopback only."""
+    if getattr(app.state, "open_without_token", False) and not operator.is_loopback(host):
+        raise ServingConfigError(f"without {TOKEN_ENV} the server listens on loopback only, not {host!r}")
+
+
+class Rejected(Exception):
+    """A request refused before it reaches the model: the status and FastAPI-shaped detail."""
+
+    def __init__(self, status: int, detail: Any):
+        super().__init__(status, detail)
+        self.status, self.detail = status, detail
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(status_code=self.status, content={"detail": self.detail}, headers=headers)
+
+
+def _error(loc: list[Any], msg: str, kind: str) -> list[dict[str, Any]]:
+    return [{"loc": loc, "msg": msg, "type": kind}]
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media in JSON_TYPES
+
+
+def _value_errors(rows: Any, model: LoadedModel) -> list[Any]:
+    """What the schema check lets through but the frame cannot hold: numbers past float32 (``1e39``
+    would become inf and be scored; a 400-digit integer overflows ``float``) and strings that are not
+    Unicode text (JSON allows a lone surrogate, ``"\\ud800"``; Arrow refuses it). Everything else is
+    :func:`conveyor.tasks.scoring.validate_rows`'s."""
+    from conveyor.tasks.scoring import MAX_ERRORS, FieldError
+
+    errors: list[Any] = []
+    if not isinstance(rows, list):
+        return errors
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        for name in model.features:
+            value = row.get(name)
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    errors.append(
+                        FieldError(i, name, f"field '{name}' is not valid Unicode text", "string_unicode")
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or name in model.categories:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                continue  # validate_rows names it: "must be a finite number"
+            if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                msg = f"field '{name}' is out of range (|value| <= {FLOAT32_MAX:.4g})"
+                errors.append(FieldError(i, name, msg, "float_range"))
+        if len(errors) >= MAX_ERRORS:
+            break
+    return errors[:MAX_ERRORS]
+
+
+def parse_predict_body(
+    body: bytes, content_type: str | None, model: LoadedModel, max_bytes: int
+) -> list[dict[str, Any]]:
+    """The request's rows, validated against the model's schema; else :class:`Rejected` (413, 415, 422).
+
+    Pure and total over any bytes: the property tests feed it arbitrary input.
+    """
+    from conveyor.tasks.scoring import validate_rows
+
+    if not is_json(content_type):
+        raise Rejected(415, "send the rows as application/json")
+    if len(body) > max_bytes:
+        raise Rejected(413, f"the body is larger than {max_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise Rejected(422, _error(["body"], "JSON is nested too deeply", "json_invalid")) from None
+    except ValueError:  # also UnicodeDecodeError, and integers past Python's 4300-digit limit
+        raise Rejected(422, _error(["body"], "body is not valid JSON", "json_invalid")) from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if isinstance(rows, list) and len(rows) > MAX_ROWS:
+        msg = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
+        raise Rejected(422, _error(["body", "rows"], msg, "too_long"))
+    errors = _value_errors(rows, model) or validate_rows(rows, model)
+    if errors:
+        raise Rejected(422, [e.detail() for e in errors])
+    return rows
+
+
+def parse_json_rows(body: bytes, content_type: str | None, max_bytes: int) -> list[Any]:
+    """The ``rows`` list of a JSON body (413, 415 and 422 as :func:`parse_predict_body`), unvalidated."""
+    if not is_json(content_type):
+        raise Rejected(415, "send the rows as application/json")
+    if len(body) > max_bytes:
+        raise Rejected(413, f"the body is larger than {max_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise Rejected(422, _error(["body"], "JSON is nested too deeply", "json_invalid")) from None
+    except ValueError:
+        raise Rejected(422, _error(["body"], "body is not valid JSON", "json_invalid")) from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows:
+        raise Rejected(422, _error(["body", "rows"], "must be a non-empty list of records", "list_type"))
+    if len(rows) > MAX_ROWS:
+        msg = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
+        raise Rejected(422, _error(["body", "rows"], msg, "too_long"))
+    return rows
+
+
+_JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "timestamp": "string", "bool": "boolean"}
+
+
+def _rows_schema(properties: dict[str, Any], required: list[str], title: str) -> dict[str, Any]:
+    row = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    return {
+        "title": title,
+        "type": "object",
+        "required": ["rows"],
+        "properties": {"rows": {"type": "array", "minItems": 1, "maxItems": MAX_ROWS, "items": row}},
+    }
+
+
+def typed_openapi(document: dict[str, Any], holder: ModelHolder) -> dict[str, Any]:
+    """The OpenAPI document with both request bodies typed from the live model (generated clients and
+    fuzzers can use it): each raw field and feature with its type, allowed values and whether it may be
+    null. Rebuilt per call, so it follows a hot reload."""
+    model = holder.current
+    if model is None:
+        return document
+    feature_props: dict[str, Any] = {}
+    for name in model.features:
+        if name in model.categories:
+            feature_props[name] = {
+                "type": ["string", "null"],
+                "enum": [*model.categories[name], None],
+                "description": "categorical; a value unseen in training is scored as missing",
+            }
+        else:
+            feature_props[name] = {"type": ["number", "null"], "format": "float"}
+    bodies = {"/predict/features": _rows_schema(feature_props, list(model.features), "FeatureRows")}
+    try:
+        featurizer = holder.featurizer(model)
+    except Exception:  # a model trained before specs: feature rows only
+        featurizer = None
+    if featurizer is not None:
+        raw_props = {}
+        for column in featurizer.raw_schema.columns:
+            kind = _JSON_TYPES.get(column.kind, "string")
+            required = column.name in featurizer.required
+            prop: dict[str, Any] = {"type": kind if required else [kind, "null"]}
+            if column.kind == "timestamp":
+                prop["format"] = "date-time"
+            feature_levels = model.categories.get(column.name)
+            if feature_levels:
+                prop["description"] = (
+                    f"one of {len(feature_levels)} values seen in training (others score as missing)"
+                )
+            raw_props[column.name] = prop
+        bodies["/predict"] = _rows_schema(raw_props, featurizer.required, "RawRows")
+    for path, schema in bodies.items():
+        operation = document.get("paths", {}).get(path, {}).get("post")
+        if operation is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return document
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, read in chunks and abandoned past ``max_bytes`` (never buffered whole first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Rejected(400, "invalid Content-Length")
+        if int(declared) > max_bytes:
+            raise Rejected(413, f"the body is larger than {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise Rejected(413, f"the body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    holder: ModelHolder,
+    poll_seconds: float = SERVING_POLL_SECONDS,
+    token: str | None = None,
+    insecure_no_token: bool = False,
+) -> Any:
+    """The FastAPI app; the first model is loaded at start-up, the watcher runs for the app's lifetime.
+
+    Raises :class:`ServingConfigError` without a token unless ``insecure_no_token``.
+    """
+    from conveyor.tasks.scoring import predict_frame, prediction_payload, rows_to_frame
+
+    token = resolve_token(token, insecure_no_token)
+    poll_seconds = operator.confine_seconds(poll_seconds, "poll")
+    limits = operator.current()
+    max_bytes, max_in_flight = limits.max_body_bytes, limits.max_concurrency
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,7 +435,11 @@ def create_app(holder: ModelHolder, poll_seconds: float = 5.0, token: str | None
         finally:
             watcher.stop()
 
-    app = FastAPI(title="Conveyor model server", lifespan=lifespan)
+    app = FastAPI(
+        title="Conveyor model server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.open_without_token = token is None
+    app.state.in_flight = 0  # /predict requests being handled; touched only on the event loop
 
     def authorized(request: Request) -> None:
         if token is None:
@@ -165,21 +455,27 @@ def create_app(holder: ModelHolder, poll_seconds: float = 5.0, token: str | None
     def live_model() -> LoadedModel:
         model = holder.current
         if model is None:
-            raise HTTPException(status_code=503, detail=f"no model loaded: {holder.last_error}")
+            raise HTTPException(status_code=503, detail={"status": holder.status, "version": None})
         return model
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         model = holder.current
         return {
-            "status": "ok" if model else "no_model",
+            "status": holder.status,
+            "problem": holder.problem or None,
             "model": holder.model,
             "alias": holder.alias,
             "version": model.version if model else None,
-            "reloads": holder.reloads,
-            "reload_error": holder.last_error or None,
             "failed_version": holder.failed_version,
+            "reloads": holder.reloads,
         }
+
+    if token is not None:
+
+        @app.get("/openapi.json", dependencies=[Depends(authorized)], include_in_schema=False)
+        def openapi() -> JSONResponse:
+            return JSONResponse(typed_openapi(app.openapi(), holder))
 
     @app.get("/model", dependencies=[Depends(authorized)])
     def model_info() -> dict[str, Any]:
@@ -192,48 +488,75 @@ def create_app(holder: ModelHolder, poll_seconds: float = 5.0, token: str | None
             "card": model.card,
         }
 
-    @app.post("/predict", dependencies=[Depends(authorized)])
-    async def predict(request: Request) -> Any:
+    async def guarded(request: Request, work: Callable[[LoadedModel, bytes, str | None], Any]) -> Any:
+        """Limits shared by both prediction routes: concurrency (503), media type (415), body size (413)."""
         model = live_model()  # read once: this request uses this model even if a swap happens meanwhile
+        if app.state.in_flight >= max_in_flight:
+            return Rejected(503, f"busy: {max_in_flight} requests in flight; retry").response()
+        app.state.in_flight += 1
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}]
-                },
-            )
-        rows = body.get("rows") if isinstance(body, dict) else body
-        if isinstance(rows, list) and len(rows) > MAX_ROWS:
-            return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": [
-                        {
-                            "loc": ["body", "rows"],
-                            "msg": f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches",
-                            "type": "too_long",
-                        }
-                    ]
-                },
-            )
+            content_type = request.headers.get("content-type")
+            if not is_json(content_type):
+                raise Rejected(415, "send the rows as application/json")
+            body = await read_body(request, max_bytes)
+            # Off the event loop: parsing, validation, features and prediction are CPU work.
+            return await run_in_threadpool(work, model, body, content_type)
+        except Rejected as rejected:
+            return rejected.response()
+        finally:
+            app.state.in_flight -= 1
 
-        def work() -> Any:  # off the event loop: validation and prediction are CPU work
-            errors = validate_rows(rows, model)
-            return errors or predict_frame(model, rows_to_frame(rows, model))
-
-        result = await run_in_threadpool(work)
-        if isinstance(result, list):
-            return JSONResponse(status_code=422, content={"detail": [e.detail() for e in result]})
-        probabilities = result
+    def _answer(model: LoadedModel, values: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "model": model.model,
             "version": model.version,
-            "threshold": model.threshold,
-            "probabilities": probabilities.tolist(),
-            "predictions": [int(p >= model.threshold) for p in probabilities],
+            **prediction_payload(model, values),
+            **(extra or {}),
         }
+
+    def predict_features(model: LoadedModel, body: bytes, content_type: str | None) -> dict[str, Any]:
+        rows = parse_predict_body(body, content_type, model, max_bytes)
+        return _answer(model, predict_frame(model, rows_to_frame(rows, model)))
+
+    def predict_raw(model: LoadedModel, body: bytes, content_type: str | None) -> Any:
+        from conveyor.tasks.inference import featurize_rows
+        from conveyor.tasks.scoring import encode_known
+
+        rows = parse_json_rows(body, content_type, max_bytes)
+        try:
+            featurizer = holder.featurizer(model)
+        except Exception as exc:  # a model trained before specs: no raw route for it
+            logger.warning("no raw-row featurizer for %s %s: %s", model.model, model.version, exc)
+            raise Rejected(
+                409, "this model version takes feature rows only: POST /predict/features"
+            ) from None
+        bad = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+        if bad:
+            raise Rejected(422, _error(["body", "rows", bad[0]], "each row must be an object", "dict_type"))
+        features, problems = featurize_rows(featurizer, rows)
+        if problems:
+            raise Rejected(
+                422,
+                [
+                    {"loc": ["body", "rows", p.row, p.field], "msg": p.msg, "type": "value_error"}
+                    for p in problems[:20]
+                ],
+            )
+        values = predict_frame(
+            model, encode_known(features[model.features], model.categories)[model.features]
+        )
+        # The lookups are the tables committed with the training data: their versions say how fresh they are.
+        return _answer(model, values, {"lookup_versions": featurizer.lookup_versions})
+
+    @app.post("/predict", dependencies=[Depends(authorized)])
+    async def predict(request: Request) -> Any:
+        """Raw rows shaped like the spec's main table (no label): features are computed here."""
+        return await guarded(request, predict_raw)
+
+    @app.post("/predict/features", dependencies=[Depends(authorized)])
+    async def predict_on_features(request: Request) -> Any:
+        """Rows of the model's feature values (``GET /model`` lists them)."""
+        return await guarded(request, predict_features)
 
     return app
 
@@ -268,6 +591,7 @@ def start_in_thread(
 
     from conveyor.prefect_api import free_port
 
+    check_bind(app, host)
     port = port or free_port()
     server = uvicorn.Server(uvicorn_config(app, host, port))
     thread = threading.Thread(target=server.run, name="conveyor-uvicorn", daemon=True)
@@ -290,6 +614,7 @@ def serve(
     port: int = SERVING_PORT,
     poll_seconds: float = SERVING_POLL_SECONDS,
     log_level: str = "info",
+    insecure_no_token: bool = False,
 ) -> None:
     """Run the server in the foreground until interrupted (the ``conveyor serve`` command)."""
     import uvicorn
@@ -298,5 +623,10 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     holder = ModelHolder(open_store(storage_url), model, alias)
-    app = create_app(holder, poll_seconds)
+    app = create_app(holder, poll_seconds, insecure_no_token=insecure_no_token)
+    check_bind(app, host)
+    if app.state.open_without_token:
+        logger.warning(
+            "serving WITHOUT a token (--insecure-no-token) on %s: anyone on this host can predict", host
+        )
     uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()

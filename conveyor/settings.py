@@ -13,6 +13,8 @@ from pathlib import Path
 
 # The storage root when none is given: CONVEYOR_STORAGE_URL, else ./data.
 DEFAULT_STORAGE = os.environ.get("CONVEYOR_STORAGE_URL") or (Path.cwd() / "data").as_uri()
+# The shipped pipeline spec `make run` runs (pipelines/flights.yaml).
+DEFAULT_SPEC = "flights"
 # The flagship model's registry name, and what any model name must look like.
 DEFAULT_MODEL = "flights_late"
 MODEL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"

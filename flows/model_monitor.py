@@ -1,8 +1,10 @@
 """Model monitor flow: score the live champion on recent labelled data; roll back when it misbehaves.
 
-The check (``conveyor.tasks.scoring.monitor_check``) compares the champion's ROC AUC on
-``data_url`` (or on a replay of its own holdout) with the AUC on its card; a
-drop past ``max_auc_drop`` rolls the champion back (``conveyor.store.registry.rollback``,
+The check (``conveyor.tasks.scoring.monitor_check``) compares the champion's gate
+metric (its card's: ROC AUC for the flights model, RMSE for a regression, ...)
+on ``data_url`` (or on a replay of its own holdout) with the value on its card;
+a worsening past ``max_auc_drop`` (absolute for scores in [0, 1], relative for
+errors such as RMSE) rolls the champion back (``conveyor.store.registry.rollback``,
 compare-and-swap, recorded in the alias history) and raises a
 ``model.rollback`` alert. Serving picks the rolled-back version up on its next
 poll. Schedule it like any deployment.
@@ -16,10 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from conveyor import operator
 from conveyor.cluster import dask_cluster, quiet_dask_logs
-from conveyor.flows.params import ClusterChoice, cluster_field, model_field, storage_field
+from conveyor.flows.params import (
+    ClusterChoice,
+    OptionalCount,
+    OptionalText,
+    StorageURL,
+    blank_field,
+    cluster_field,
+    model_field,
+    storage_field,
+    workers_field,
+)
 from conveyor.flows.scoring import stage_options
 from conveyor.resources import dask_client, open_store
 from conveyor.store.registry import AliasConflict, RegistryError, rollback
@@ -32,19 +45,36 @@ class MonitorParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    storage_url: str = storage_field()
+    storage_url: StorageURL = storage_field()
     model: str = model_field()
-    data_url: str | None = Field(
-        None,
+    data_url: OptionalText = blank_field(  # type: ignore[valid-type]
+        "",
         title="Recent labelled data",
         description="a committed dataset with the features and the label; "
         "empty = replay the holdout of the champion's silver dataset",
     )
-    max_auc_drop: float = Field(0.05, ge=0, le=1, title="Roll back when live AUC < card AUC minus")
+    max_auc_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        title="Roll back when the live gate metric is worse than the card's by more than",
+        description="absolute for scores in [0, 1] (AUC, F1, R²); a share of the card's value for errors "
+        "(RMSE, MAE, log loss)",
+    )
     min_rows: int = Field(500, ge=1, title="Fewest labelled rows for a verdict")
     auto_rollback: bool = Field(True, title="Roll back automatically on a breach")
     cluster: ClusterChoice = cluster_field()
-    n_workers: int | None = Field(None, ge=1, title="Local Dask workers")
+    n_workers: OptionalCount = workers_field()  # type: ignore[valid-type]
+
+    @field_validator("data_url")
+    @classmethod
+    def _data(cls, value: str | None) -> str | None:
+        return operator.confine_url(value, "storage") if value else value
+
+    @field_validator("n_workers")
+    @classmethod
+    def _workers(cls, value: int | None) -> int | None:
+        return operator.confine_workers(value)
 
 
 @dataclass(frozen=True)
@@ -70,9 +100,10 @@ def act(
     details = {
         "model": check.model,
         "version": check.version,
-        "live_roc_auc": round(check.roc_auc, 4),
-        "card_roc_auc": round(check.card_roc_auc, 4),
-        "max_auc_drop": check.max_auc_drop,
+        "metric": check.metric,
+        f"live_{check.metric}": round(check.value, 4),
+        f"card_{check.metric}": round(check.card_value, 4),
+        "max_drop": check.max_drop,
         "rows": check.rows,
         "data_url": check.data_url,
     }

@@ -19,14 +19,13 @@ from conveyor.policy import POLICIES, run_stage, task_options
 from conveyor.resources import open_store
 from conveyor.store.storage import Store, exists, read_json
 from conveyor.tasks import monitor
-from conveyor.tasks.clean import LABEL, CleanResult
+from conveyor.tasks.clean import CleanResult
 from conveyor.tasks.deploy import get_alias
 from conveyor.tasks.evaluate import EvaluationResult
 from conveyor.tasks.monitor import MonitorReport, Thresholds
-from conveyor.tasks.train import TrainResult
+from conveyor.tasks.train import TrainResult, silver_schema
 
 BREACH_EVENT = "conveyor.monitor.breach"
-DATASET = "silver_flights"
 
 
 @dataclass(frozen=True)
@@ -88,19 +87,21 @@ def publish(report: MonitorReport, resource_id: str, flow_run_id: str = "") -> M
 
 def check_clean_run(store: Store, cleaned: CleanResult, model: str, thresholds: Thresholds) -> MonitorReport:
     """Profile the new silver version and check it against the last one and the champion's training data."""
-    columns = [*cleaned.features, LABEL]
-    previous = monitor.latest_profile(store, DATASET)
+    schema = silver_schema(store, cleaned.silver.url)
+    dataset = cleaned.silver.name
+    columns = [*schema.features, schema.label]
+    previous = monitor.latest_profile(store, dataset)
     training = None
     champion = get_alias(store, model)
     if champion:
         info = store.url("models", model, champion["version"], "train.json")
         silver_version = read_json(store, info).get("silver_version") if exists(store, info) else None
         if silver_version:
-            training = monitor.training_profile(store, DATASET, silver_version, columns)
+            training = monitor.training_profile(store, dataset, silver_version, columns)
     current = monitor.profile_dataset(
         store,
         cleaned.silver.url,
-        DATASET,
+        dataset,
         cleaned.silver.version,
         cleaned.rows_in,
         cleaned.quarantine.rows,
@@ -132,7 +133,7 @@ def monitor_data_task(
         timeout_seconds,
         restart_workers,
     )
-    return publish(report, f"conveyor.dataset.{DATASET}.{cleaned.silver.version}", flow_run_id)
+    return publish(report, f"conveyor.dataset.{cleaned.silver.name}.{cleaned.silver.version}", flow_run_id)
 
 
 @task(**task_options("monitor") | {"name": "monitor-model"})
@@ -152,5 +153,6 @@ def monitor_model_task(
         champion_metrics,
         champion.version if champion else None,
         thresholds,
+        evaluation.gate_metric,
     )
     return publish(report, f"conveyor.model.{trained.model}.{trained.version}", flow_run_id)

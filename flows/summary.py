@@ -7,9 +7,14 @@ from typing import Any
 
 from conveyor.tasks.clean import CleanResult
 from conveyor.tasks.deploy import DeployResult
-from conveyor.tasks.evaluate import EvaluationResult
+from conveyor.tasks.evaluate import HEADLINE, EvaluationResult, higher_is_better
 from conveyor.tasks.ingest import IngestResult
 from conveyor.tasks.train import TrainResult
+
+
+def main_table(ingested: IngestResult) -> str:
+    """The table silver rows come from: ``IngestResult.main`` where ingest names it, else its first one."""
+    return getattr(ingested, "main", None) or next(iter(ingested.tables))
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class PipelineSummary:
     search: dict[str, Any] = field(
         default_factory=dict
     )  # winner, candidates, parallelism, seconds (no leaderboard)
+    task: str = "binary"
+    gate_metric: str = "roc_auc"
+    main_table: str = ""  # the ingested table the silver rows come from
+    silver_name: str = ""
 
     @classmethod
     def build(
@@ -60,8 +69,8 @@ class PipelineSummary:
             for ref in (t.bronze, t.quarantine):
                 key = ref.name if ref is t.bronze else f"quarantine/{ref.name}"
                 datasets[key] = {"version": ref.version, "url": ref.url, "rows": ref.rows}
-        datasets["silver_flights"] = asdict(cleaned.silver)
-        datasets["quarantine/silver_flights"] = asdict(cleaned.quarantine)
+        datasets[cleaned.silver.name] = asdict(cleaned.silver)
+        datasets[f"quarantine/{cleaned.quarantine.name}"] = asdict(cleaned.quarantine)
         reasons: dict[str, int] = dict(cleaned.quarantine_reasons)
         for name, t in ingested.tables.items():
             if t.quarantine.rows:
@@ -91,6 +100,10 @@ class PipelineSummary:
             stage_seconds=seconds,
             flow_run_id=flow_run_id,
             family=trained.family,
+            task=evaluation.task,
+            gate_metric=evaluation.gate_metric,
+            main_table=main_table(ingested),
+            silver_name=cleaned.silver.name,
             search={k: v for k, v in trained.search.items() if k != "leaderboard"}
             | ({"candidates": len(trained.search["leaderboard"])} if trained.search else {}),
             reused=[
@@ -103,16 +116,29 @@ class PipelineSummary:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def table(self) -> str:
+    def _metric_rows(self) -> list[tuple[str, str]]:
         m, b = self.metrics, self.baseline_metrics
-        flights = self.datasets["bronze_flights"]["rows"] + self.datasets["quarantine/bronze_flights"]["rows"]
+        names = dict.fromkeys([self.gate_metric, *HEADLINE.get(self.task, ())])
+        rows = []
+        for n in names:
+            if n not in m:
+                continue
+            lift = m[n] - b[n] if higher_is_better(n) else b[n] - m[n]
+            text = f"{m[n]:.4f}  vs baseline {b[n]:.4f}  (lift {lift:+.4f})"
+            if n == "f1" and "threshold" in m:
+                text += f"  (threshold {m['threshold']:.3f} from validation)"
+            label = "ROC AUC" if n == "roc_auc" else n.replace("_", " ")
+            rows.append((f"holdout {label}", text))
+        return rows
+
+    def table(self) -> str:
+        main = self.main_table or "flights"
+        bronze = self.datasets.get(f"bronze_{main}", {}).get("rows", 0)
+        read = bronze + self.datasets.get(f"quarantine/bronze_{main}", {}).get("rows", 0)
+        silver = self.datasets.get(self.silver_name or "silver_flights", {})
         rows = [
-            ("flights read", f"{flights:,}"),
-            (
-                "silver rows",
-                f"{self.datasets['silver_flights']['rows']:,}  "
-                f"(version {self.datasets['silver_flights']['version']})",
-            ),
+            (f"{main} read", f"{read:,}"),
+            ("silver rows", f"{silver.get('rows', 0):,}  (version {silver.get('version', '-')})"),
             (
                 "quarantined",
                 f"{self.rows_quarantined:,}  "
@@ -120,7 +146,7 @@ class PipelineSummary:
             ),
             (
                 "model",
-                f"{self.model} {self.model_version}  ({self.family} on {self.device}, "
+                f"{self.model} {self.model_version}  ({self.family} {self.task} on {self.device}, "
                 f"{self.best_iteration + 1} {'iterations' if self.family == 'linear' else 'rounds'})",
             ),
             *(
@@ -135,16 +161,7 @@ class PipelineSummary:
                 if self.search
                 else []
             ),
-            (
-                "holdout ROC AUC",
-                f"{m['roc_auc']:.4f}  vs baseline {b['roc_auc']:.4f}  "
-                f"(lift {m['roc_auc'] - b['roc_auc']:+.4f})",
-            ),
-            ("holdout log loss", f"{m['log_loss']:.4f}  vs baseline {b['log_loss']:.4f}"),
-            (
-                "holdout F1",
-                f"{m['f1']:.4f}  vs baseline {b['f1']:.4f}  (threshold {m['threshold']:.3f} from validation)",
-            ),
+            *self._metric_rows(),
             (
                 "champion",
                 f"{self.champion_before or '-'} -> {self.champion_after or '-'}  ({self.gate_reason})",

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from conveyor import operator
 from conveyor.alerts import mark_stage, on_cancellation, on_crashed, on_failure
 from conveyor.cluster import dask_cluster, quiet_dask_logs
 from conveyor.flows.monitoring import monitor_data_task, monitor_model_task
@@ -36,7 +37,8 @@ from conveyor.tasks.deploy import DeployResult, GateParams, get_alias
 from conveyor.tasks.evaluate import EvaluationResult
 from conveyor.tasks.ingest import IngestParams, IngestResult
 from conveyor.tasks.search import SearchParams
-from conveyor.tasks.train import SplitParams, TrainParams, TrainResult
+from conveyor.tasks.spec import LoadedSpec, SplitParams
+from conveyor.tasks.train import TrainParams, TrainResult
 
 # Each stage task runs its body through run_stage: a Dask client of its own, stopped at the stage's limit.
 
@@ -45,6 +47,7 @@ from conveyor.tasks.train import SplitParams, TrainParams, TrainResult
 def ingest_task(
     address: str,
     storage_url: str,
+    spec: LoadedSpec,
     source_url: str | None,
     params: IngestParams,
     timeout_seconds: float = POLICIES["ingest"].timeout_seconds,
@@ -53,7 +56,12 @@ def ingest_task(
     return run_stage(
         "ingest",
         lambda client: ingest_stage.ingest(
-            open_store(storage_url), client, source_url, params, options_for(source_url) if source_url else {}
+            open_store(storage_url),
+            client,
+            source_url,
+            params,
+            options_for(source_url) if source_url else {},
+            spec,
         ),
         address,
         timeout_seconds,
@@ -66,12 +74,16 @@ def clean_task(
     address: str,
     storage_url: str,
     ingested: IngestResult,
+    spec: LoadedSpec,
+    split: SplitParams,
     timeout_seconds: float = POLICIES["clean"].timeout_seconds,
     restart_workers: bool = True,
 ) -> CleanResult:
     return run_stage(
         "clean",
-        lambda client: clean_stage.clean(open_store(storage_url), ingested, client),
+        lambda client: clean_stage.clean(
+            open_store(storage_url), ingested, client, spec, split.train_end, split.valid_end
+        ),
         address,
         timeout_seconds,
         restart_workers,
@@ -196,17 +208,47 @@ def replicate_task(storage_url: str, replica_urls: list[str], rels: list[str]) -
     return {root: {"copied": len(r.copied), "skipped": len(r.skipped)} for root, r in reports.items()}
 
 
+def confine_spec(loaded: LoadedSpec, source_url: str | None) -> None:
+    """What a spec chosen in a form may read or run is confined like every other parameter.
+
+    Its sources lie under the allowed source prefixes (or inside an installed package), and its
+    feature hooks name modules the operator listed in CONVEYOR_ALLOWED_HOOK_MODULES.
+    """
+    import os
+
+    if not source_url:  # a source folder given as a parameter was confined by the parameter model
+        for alias, src in loaded.spec.sources.items():
+            if src.url.startswith("package://"):
+                if any(part in ("", ".", "..") for part in src.url.removeprefix("package://").split("/")):
+                    raise operator.OperatorError(
+                        f"{loaded.where}: sources.{alias}.url: {src.url!r} leaves its package"
+                    )
+            else:
+                operator.confine_url(src.url, "source")
+    allowed = [m.strip() for m in os.environ.get("CONVEYOR_ALLOWED_HOOK_MODULES", "").split(",") if m.strip()]
+    for hook in loaded.spec.hooks:
+        module = hook.function.partition(":")[0]
+        if not any(module == a or module.startswith(a + ".") for a in allowed):
+            raise operator.OperatorError(
+                f"{loaded.where}: hooks: module {module!r} is not in CONVEYOR_ALLOWED_HOOK_MODULES "
+                f"({', '.join(allowed) or 'none'}); an operator lists the modules a spec may run"
+            )
+
+
 def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
     """The stages, in order, on the Dask cluster at ``address``, each under its policy (conveyor.policy)."""
     logger = get_run_logger()
     url = open_store(params.storage_url).root
-    split = params.split_params()
+    spec = params.load_spec()
+    confine_spec(spec, params.source_url)
+    split = params.split_params(spec)
+    model = params.model_name(spec)
     run_id = str(flow_run.get_id() or "")
     owned = "://" not in params.cluster  # restart workers of a stopped stage only on a cluster this flow owns
     thresholds = params.monitor.to_thresholds()
     seconds: dict[str, float] = {}
 
-    gpu = cluster_has_gpus(address)
+    gpu = params.cluster != "cpu" and cluster_has_gpus(address)
 
     def stage(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         policy = policy_for(name, params.stage_timeouts, params.retry_backoff_seconds)
@@ -222,14 +264,23 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
 
     t0 = time.perf_counter()
     ingested = stage(
-        "ingest", ingest_task, address, url, params.source_url, params.ingest_params(), restart_workers=owned
+        "ingest",
+        ingest_task,
+        address,
+        url,
+        spec,
+        params.source_url,
+        params.ingest_params(),
+        restart_workers=owned,
     )
     logger.info(
-        "ingest: %s flights read, %s quarantined",
-        ingested.tables["flights"].rows_read,
+        "ingest (spec %s): %s %s rows read, %s quarantined",
+        spec.spec.name,
+        ingested.tables[spec.spec.main].rows_read,
+        spec.spec.main,
         ingested.rows_quarantined,
     )
-    cleaned = stage("clean", clean_task, address, url, ingested, restart_workers=owned)
+    cleaned = stage("clean", clean_task, address, url, ingested, spec, split, restart_workers=owned)
     logger.info(
         "clean: %s silver rows, %s quarantined %s",
         cleaned.silver.rows,
@@ -242,7 +293,7 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
         address,
         url,
         cleaned,
-        params.model,
+        model,
         thresholds,
         flow_run_id=run_id,
         restart_workers=owned,
@@ -255,12 +306,12 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
             url,
             cleaned,
             params.search.to_params(),
-            params.training.to_params(),
+            params.train_params(),
             split,
-            params.model,
+            model,
             restart_workers=owned,
         )
-        _publish_leaderboard(params.model, trained)
+        _publish_leaderboard(model, trained)
     else:
         trained = stage(
             "train",
@@ -268,27 +319,35 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
             address,
             url,
             cleaned,
-            params.training.to_params(),
+            params.train_params(),
             split,
-            params.model,
+            model,
             restart_workers=owned,
         )
+    valid = ", ".join(f"{k} {v:.4f}" for k, v in (trained.valid_metrics or {}).items())
     logger.info(
-        "train: %s model %s on %s (%s rounds, valid AUC %.4f)",
+        "train: %s %s model %s on %s (%s rounds; validation %s)",
         trained.family,
+        trained.task,
         trained.version,
         trained.device,
         trained.best_iteration + 1,
-        trained.valid_auc,
+        valid,
     )
     evaluation = stage(
         "evaluate", evaluate_task, address, url, cleaned, trained, split, restart_workers=owned
     )
-    logger.info(
-        "evaluate: holdout AUC %.4f vs baseline %.4f", evaluation.metrics.roc_auc, evaluation.baseline.roc_auc
-    )
+    logger.info("evaluate: %s", evaluation.headline())
     model_check = monitor_model_task.submit(trained, evaluation, thresholds, flow_run_id=run_id).result()
-    deployed = stage("deploy", deploy_task, url, cleaned, trained, evaluation, params.gate_params())
+    deployed = stage(
+        "deploy",
+        deploy_task,
+        url,
+        cleaned,
+        trained,
+        evaluation,
+        params.gate_params(cleaned.schema.gate_metric),
+    )
     logger.info("deploy: %s (%s)", "promoted" if deployed.promoted else "kept the champion", deployed.reason)
     replicas = (
         replicate_task(url, params.replicas, run_versions(ingested, cleaned, trained))
@@ -323,7 +382,7 @@ def _publish_leaderboard(model: str, trained: TrainResult) -> None:
         record["winner"],
         trained.family,
         record["metric"],
-        trained.valid_auc if record["metric"] == "auc" else trained.valid_logloss,
+        (trained.valid_metrics or {}).get(record["metric"], float("nan")),
     )
     create_table_artifact(
         key=f"{model.replace('_', '-')}-leaderboard",

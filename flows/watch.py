@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
+from conveyor import operator
 from conveyor.resources import open_store, options_for
 from conveyor.settings import DEFAULT_STORAGE
 from conveyor.store.storage import exists, read_json, write_json_atomic
 
-LANDED = "conveyor.dataset.landed"
+LANDED = "conveyor.dataset.landed"  # new training data: the on-new-data deployment retrains
+SCORING_LANDED = "conveyor.scoring.landed"  # new rows to score: the score-new-data deployment scores them
+EVENTS = (LANDED, SCORING_LANDED)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,10 @@ def fingerprint(source_url: str) -> tuple[str, int]:
 
 
 @flow(name="conveyor-watch-source")
-def watch_source(source_url: str, storage_url: str = DEFAULT_STORAGE) -> WatchResult:
+def watch_source(source_url: str, storage_url: str = DEFAULT_STORAGE, event: str = LANDED) -> WatchResult:
     """Emit a landed event when the files under ``source_url`` differ from the last run's."""
+    source_url = operator.confine_url(source_url, "source")  # a schedule's parameters come from the form too
+    storage_url = operator.confine_url(storage_url, "storage")
     logger = get_run_logger()
     store = open_store(storage_url)
     state_url = store.url("watch", hashlib.sha256(source_url.encode()).hexdigest()[:16] + ".json")
@@ -52,12 +57,14 @@ def watch_source(source_url: str, storage_url: str = DEFAULT_STORAGE) -> WatchRe
     previous = read_json(store, state_url)["fingerprint"] if exists(store, state_url) else None
     changed = current != previous
     if changed:
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}, not {event!r}")
         emit_event(
-            event=LANDED,
+            event=event,
             resource={"prefect.resource.id": source_url, "conveyor.fingerprint": current},
             payload={"files": files, "previous": previous},
         )
-        logger.info("%s changed (%d files, fingerprint %s): emitted %s", source_url, files, current, LANDED)
+        logger.info("%s changed (%d files, fingerprint %s): emitted %s", source_url, files, current, event)
         write_json_atomic(
             store, state_url, {"source_url": source_url, "fingerprint": current, "files": files}
         )

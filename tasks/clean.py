@@ -1,16 +1,22 @@
-"""Clean: bronze flights -> validated, de-duplicated, joined silver features.
+"""Clean: the bronze tables of a spec -> validated, de-duplicated, joined silver features.
 
-Rules are declared in one place (``RULES``); a row that breaks one goes to
-quarantine with the rule's reason, an exact duplicate goes there as a
-duplicate, and ``rows_in == rows_out + rows_quarantined`` is checked before
-the silver version is committed. Features are only what is known before
-departure: the schedule, carrier, route, aircraft and weather at the origin.
+What a row must satisfy, how the lookup tables join, which columns are
+derived, the label and the features all come from the pipeline spec
+(tasks/spec.py); this module only carries them out, partition by partition.
+A row that breaks a rule goes to quarantine with the rule's reason, an exact
+duplicate goes there as a duplicate, and ``rows_in == rows_out +
+rows_quarantined`` is checked before the silver version is committed. The
+silver manifest carries the :class:`SilverSchema`: all any later stage knows.
+
+The same code scores unlabelled rows (``inference=True``): label rules are
+skipped, every other rule still quarantines, and joins and derived columns
+are computed exactly as in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
+from conveyor.settings import DEFAULT_SPEC
 from conveyor.store.storage import (
     DatasetRef,
     StorageError,
@@ -33,87 +40,29 @@ from conveyor.store.storage import (
     read_dataset_pandas,
 )
 from conveyor.tasks.ingest import REASON, IngestResult
-from conveyor.tasks.schema import POST_DEPARTURE
-
-LATE_MINUTES = 15
-LABEL = "is_late"
-TIME_KEY = "sched_dep"
-CATEGORICAL = ("carrier", "origin", "dest")
-WEATHER_FEATURES = (
-    "temp",
-    "dewp",
-    "humid",
-    "wind_dir",
-    "wind_speed",
-    "wind_gust",
-    "precip",
-    "pressure",
-    "visib",
-)
-PLANE_FEATURES = ("plane_age", "seats", "engines")
-FEATURES = (
-    "month",
-    "day_of_week",
-    "day_of_year",
-    "sched_dep_hour",
-    "sched_dep_minute_of_day",
-    "sched_arr_minute_of_day",
-    "sched_duration",
-    "distance",
-    *CATEGORICAL,
-    *WEATHER_FEATURES,
-    *PLANE_FEATURES,
-)
-assert not POST_DEPARTURE & set(FEATURES), "a post-departure column is listed as a feature"
-
-REQUIRED = (
-    "year",
-    "month",
-    "day",
-    "sched_dep_time",
-    "sched_arr_time",
-    "carrier",
-    "origin",
-    "dest",
-    "distance",
-    "hour",
-    "minute",
-    "time_hour",
+from conveyor.tasks.spec import (
+    DEFAULT_GATE,
+    FOLD,
+    Expression,
+    JoinSpec,
+    LoadedSpec,
+    RuleSpec,
+    SilverSchema,
+    load_spec,
+    split_params,
 )
 
-
-def _hhmm_ok(v: pd.Series) -> pd.Series:
-    return (v // 100).between(0, 24) & (v % 100).between(0, 59)
-
-
-# (reason, predicate that is True for rows that pass); nulls in required fields are checked first.
-RULES: tuple[tuple[str, Callable[[pd.DataFrame, Dimensions], pd.Series]], ...] = (
-    ("arr_delay is missing: cancelled or diverted flight, no label", lambda d, _: d["arr_delay"].notna()),
-    ("month outside 1..12", lambda d, _: d["month"].between(1, 12)),
-    ("day outside 1..31", lambda d, _: d["day"].between(1, 31)),
-    ("hour outside 0..23", lambda d, _: d["hour"].between(0, 23)),
-    ("minute outside 0..59", lambda d, _: d["minute"].between(0, 59)),
-    ("sched_dep_time is not a valid HHMM", lambda d, _: _hhmm_ok(d["sched_dep_time"])),
-    ("sched_arr_time is not a valid HHMM", lambda d, _: _hhmm_ok(d["sched_arr_time"])),
-    ("distance outside 1..6000 miles", lambda d, _: d["distance"].between(1, 6000)),
-    ("arr_delay outside -180..2000 minutes", lambda d, _: d["arr_delay"].between(-180, 2000)),
-    ("carrier not in the airlines table", lambda d, dims: d["carrier"].isin(dims.carriers)),
-    ("origin not in the airports table", lambda d, dims: d["origin"].isin(dims.airports)),
-    (
-        "dest is not a 3-character airport code",
-        lambda d, _: d["dest"].str.fullmatch(r"[A-Z0-9]{3}").fillna(False),
-    ),
-)
+DUPLICATE = "exact duplicate of an earlier row"
 
 
 @dataclass(frozen=True)
-class Dimensions:
-    """The small tables, broadcast to every partition."""
+class Lookups:
+    """The lookup tables, small enough to broadcast to every partition."""
 
-    carriers: list[str]
-    airports: list[str]
-    weather: pd.DataFrame  # one row per (origin, time_hour)
-    planes: pd.DataFrame  # one row per tailnum
+    joins: list[pd.DataFrame]  # one per spec join: its keys and the columns it adds, deduplicated
+    members: dict[str, frozenset]  # "table.column" -> the values an in_table rule accepts
+    repeated: dict[str, frozenset] = dataclasses.field(default_factory=dict)  # unique rules: repeated values
+    classes: tuple[str, ...] = ()  # multiclass: the label's classes
 
 
 @dataclass(frozen=True)
@@ -122,20 +71,193 @@ class CleanResult:
     quarantine: DatasetRef
     rows_in: int
     quarantine_reasons: dict[str, int]
-    features: list[str]
-    categories: dict[str, list[str]]
+    schema: SilverSchema
     reused: bool = False  # found committed from an earlier run, not recomputed
 
+    @property
+    def features(self) -> list[str]:
+        return list(self.schema.features)
 
-def reasons_for(flights: pd.DataFrame, dims: Dimensions) -> pd.Series:
-    """The first broken rule of each row (NA where the row is valid)."""
-    reason = pd.Series(pd.NA, index=flights.index, dtype="string")
-    for col in REQUIRED:
-        reason = reason.mask(reason.isna() & flights[col].isna(), f"{col} is missing")
-    for text, passes in RULES:
-        ok = passes(flights, dims).fillna(False).astype(bool)
-        reason = reason.mask(reason.isna() & ~ok, text)
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        return self.schema.categories
+
+
+# --- one partition: rules, joins, derived columns, label ---------------------------------------
+
+
+def _is_label_rule(rule: RuleSpec, label_columns: list[str]) -> bool:
+    if rule.label_rule is not None:
+        return rule.label_rule
+    if rule.check == "expression":
+        return bool(set(Expression(rule.expression or "").columns) & set(label_columns))
+    return rule.column in label_columns
+
+
+def _passes(rule: RuleSpec, frame: pd.DataFrame, lookups: Lookups) -> pd.Series:
+    """True where the row satisfies ``rule`` (a null value passes every check but not_null, like pandera)."""
+    if rule.check == "expression":
+        return pd.Series(Expression(rule.expression or "").evaluate(frame), index=frame.index)
+    v = frame[rule.column]
+    lo, hi, x = rule.min_value, rule.max_value, rule.value
+    out = {
+        "not_null": lambda: v.notna(),
+        "in_range": lambda: v.between(lo if lo is not None else -np.inf, hi if hi is not None else np.inf),
+        "isin": lambda: v.isin(rule.values or []),
+        "notin": lambda: ~v.isin(rule.values or []),
+        "str_matches": lambda: v.astype("string").str.fullmatch(rule.pattern or ""),
+        "str_length": lambda: v.astype("string").str.len().between(lo or 0, hi if hi is not None else np.inf),
+        "greater_than": lambda: v > x,
+        "greater_than_or_equal_to": lambda: v >= x,
+        "less_than": lambda: v < x,
+        "less_than_or_equal_to": lambda: v <= x,
+        "equal_to": lambda: v == x,
+        "not_equal_to": lambda: v != x,
+        "in_table": lambda: v.astype("string").isin(lookups.members[f"{rule.table}.{rule.table_column}"]),
+        "unique": lambda: ~v.isin(lookups.repeated.get(rule.column, frozenset())),
+    }[rule.check]()
+    if rule.check != "not_null":  # pandera's default: a null passes the check (not_null says otherwise)
+        out = out.fillna(False).astype(bool) | v.isna()
+    return out.fillna(False).astype(bool)
+
+
+def _join(frame: pd.DataFrame, join: JoinSpec, lookup: pd.DataFrame) -> pd.DataFrame:
+    """Left join keeping the frame's rows and order; as-of joins take the latest match at or before."""
+    left_on, right_on = list(join.by), list(join.by.values())
+    if join.how == "exact":
+        keyed = lookup.rename(columns=dict(zip(right_on, left_on, strict=True)))
+        merged = frame[left_on].merge(keyed, how="left", on=left_on)
+        merged.index = frame.index
+        return merged.drop(columns=left_on)
+    ((t_left, t_right),) = (join.asof or {}).items()
+    keyed = lookup.rename(columns=dict(zip(right_on, left_on, strict=True)) | {t_right: t_left})
+    keyed = keyed.dropna(subset=[t_left]).sort_values(t_left)
+    left = frame[[*left_on, t_left]].assign(_pos=np.arange(len(frame)))
+    missing_time = left[t_left].isna()
+    merged = pd.merge_asof(
+        left[~missing_time].sort_values(t_left),
+        keyed,
+        on=t_left,
+        by=left_on or None,
+        direction="backward",
+        tolerance=pd.Timedelta(join.tolerance) if join.tolerance else None,
+    )
+    out = pd.concat([merged, left[missing_time]]).sort_values("_pos")
+    out.index = frame.index
+    return out.drop(columns=[*left_on, t_left, "_pos"])
+
+
+def _with_columns(frame: pd.DataFrame, exprs: dict[str, str]) -> pd.DataFrame:
+    for name, text in exprs.items():
+        value = Expression(text).evaluate(frame)
+        frame[name] = value if isinstance(value, pd.Series) else pd.Series(value, index=frame.index)
+    return frame
+
+
+def prepare(part: pd.DataFrame, loaded: LoadedSpec, lookups: Lookups) -> tuple[pd.DataFrame, pd.Series]:
+    """The partition with joined and derived columns, and the first join a row failed (NA if none)."""
+    spec = loaded.spec
+    frame = _with_columns(part.copy(), spec.prepare)
+    no_match = pd.Series(pd.NA, index=frame.index, dtype="string")
+    for join, lookup in zip(spec.joins, lookups.joins, strict=True):
+        added = _join(frame, join, lookup)
+        if join.missing == "quarantine":
+            hit = added.notna().any(axis=1)
+            no_match = no_match.mask(
+                no_match.isna() & ~hit, f"no {join.table} row matches {', '.join(join.by)}"
+            )
+        for col in added.columns:
+            frame[col] = added[col]
+    frame = _with_columns(frame, spec.derived)
+    for hook in spec.hooks:
+        module, _, name = hook.function.partition(":")
+        frame = getattr(importlib.import_module(module), name)(frame)
+    return frame, no_match
+
+
+def reasons_for(
+    frame: pd.DataFrame, no_match: pd.Series, loaded: LoadedSpec, lookups: Lookups, inference: bool = False
+) -> pd.Series:
+    """The first broken rule of each row (NA where the row is valid), in the spec's order."""
+    spec = loaded.spec
+    label_cols = loaded.label_columns
+    reason = pd.Series(pd.NA, index=frame.index, dtype="string")
+    for col in spec.required:
+        reason = reason.mask(reason.isna() & frame[col].isna(), f"{col} is missing")
+    for rule in spec.rules:
+        if inference and _is_label_rule(rule, label_cols):
+            continue
+        reason = reason.mask(reason.isna() & ~_passes(rule, frame, lookups), rule.describe())
+    reason = reason.mask(reason.isna(), no_match)
+    if not inference:
+        for col in label_cols:
+            reason = reason.mask(reason.isna() & frame[col].isna(), f"label source {col} is missing")
+        label = spec.label
+        if label.task == "multiclass" and lookups.classes:
+            raw = frame[label.column] if label.column else Expression(label.expression or "").evaluate(frame)
+            known = pd.Series(raw, index=frame.index).astype("string").isin(lookups.classes).fillna(False)
+            reason = reason.mask(
+                reason.isna() & ~known, f"{label.name} is not one of {list(lookups.classes)}"
+            )
     return reason
+
+
+def label_values(frame: pd.DataFrame, loaded: LoadedSpec, classes: list[str]) -> pd.Series:
+    """The label of valid rows: 0/1 (binary), a class code (multiclass) or a number (regression)."""
+    label = loaded.spec.label
+    raw = frame[label.column] if label.column else Expression(label.expression or "").evaluate(frame)
+    if label.task == "regression":
+        return pd.Series(np.asarray(raw, dtype="float64"), index=frame.index).astype("float32")
+    if label.task == "binary":
+        if label.positive_class is not None:
+            raw = raw.astype("string") == label.positive_class
+        return pd.Series(np.asarray(raw, dtype="float64") > 0, index=frame.index).astype("int8")
+    codes = pd.Categorical(raw.astype("string"), categories=classes).codes
+    return pd.Series(codes, index=frame.index).astype("int16")
+
+
+def features_of(frame: pd.DataFrame, schema: SilverSchema) -> pd.DataFrame:
+    """The time key, the row keys and the features, typed: categoricals as strings, the rest float32."""
+    out = {schema.time_key: frame[schema.time_key]}
+    out |= {k: frame[k] for k in schema.keys if k not in schema.features and k != schema.time_key}
+    for col in schema.features:
+        if col in schema.categorical:
+            out[col] = frame[col].astype("string")
+        else:
+            out[col] = pd.to_numeric(frame[col], errors="coerce").astype("float32")
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _mark(
+    part: pd.DataFrame,
+    loaded: LoadedSpec,
+    lookups: Lookups,
+    duplicates: set[tuple[int, int]],
+    inference: bool,
+    partition_info: dict | None = None,
+) -> pd.DataFrame:
+    pid = partition_info["number"] if partition_info else 0
+    frame, no_match = prepare(part, loaded, lookups)
+    reason = reasons_for(frame, no_match, loaded, lookups, inference)
+    if duplicates:
+        dup = pd.Series([(pid, i) in duplicates for i in range(len(part))], index=part.index)
+        reason = reason.mask(reason.isna() & dup, DUPLICATE)
+    return part.assign(**{REASON: reason})
+
+
+def _silver_part(
+    part: pd.DataFrame, loaded: LoadedSpec, lookups: Lookups, schema: SilverSchema, seed: int
+) -> pd.DataFrame:
+    frame, _ = prepare(part, loaded, lookups)
+    out = features_of(frame, schema)
+    out[schema.label] = label_values(frame, loaded, schema.classes)
+    if schema.split.get("kind") == "ratio":
+        h = pd.util.hash_pandas_object(part, index=False, hash_key=f"conveyor{seed:08d}"[:16]).to_numpy()
+        out[FOLD] = (h % 1_000_000_007) / 1_000_000_007.0
+    return out
+
+
+# --- the whole table ---------------------------------------------------------------------------
 
 
 def _row_hash(part: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
@@ -150,112 +272,149 @@ def _row_hash(part: pd.DataFrame, partition_info: dict | None = None) -> pd.Data
     )
 
 
-def find_duplicates(flights: dd.DataFrame) -> set[tuple[int, int]]:
+def find_duplicates(frame: dd.DataFrame) -> set[tuple[int, int]]:
     """(partition, position) of every exact duplicate after its first occurrence."""
-    hashes = flights.map_partitions(
-        _row_hash, meta={"h": "uint64", "partition": "int64", "position": "int64"}
-    )
+    hashes = frame.map_partitions(_row_hash, meta={"h": "uint64", "partition": "int64", "position": "int64"})
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-        counts = hashes["h"].value_counts(split_out=max(1, flights.npartitions // 4))
+        counts = hashes["h"].value_counts(split_out=max(1, frame.npartitions // 4))
         repeated = counts[counts > 1].compute()
     if repeated.empty:
         return set()
     repeated_set = set(repeated.index.tolist())
     rows = hashes[hashes["h"].isin(repeated_set)].compute().sort_values(["h", "partition", "position"])
     later = rows[rows.duplicated("h", keep="first")]
-    return set(zip(later["partition"].tolist(), later["position"].tolist(), strict=False))
+    return set(zip(later["partition"].tolist(), later["position"].tolist(), strict=True))
 
 
-def _mark(
-    part: pd.DataFrame, dims: Dimensions, duplicates: set[tuple[int, int]], partition_info: dict | None = None
-) -> pd.DataFrame:
-    pid = partition_info["number"] if partition_info else 0
-    reason = reasons_for(part, dims)
-    if duplicates:
-        dup = pd.Series([(pid, i) in duplicates for i in range(len(part))], index=part.index)
-        reason = reason.mask(reason.isna() & dup, "exact duplicate of an earlier row")
-    return part.assign(**{REASON: reason})
+def load_lookups(store: Store, loaded: LoadedSpec, ingested: IngestResult) -> Lookups:
+    return lookups_from(store, loaded, {alias: t.bronze.url for alias, t in ingested.tables.items()})
 
 
-def build_features(flights: pd.DataFrame, dims: Dimensions) -> pd.DataFrame:
-    """Pre-departure features + label for valid rows."""
-    f = flights
-    dep_min = (f["sched_dep_time"] // 100) * 60 + f["sched_dep_time"] % 100
-    arr_min = (f["sched_arr_time"] // 100) * 60 + f["sched_arr_time"] % 100
-    local_day = pd.to_datetime(
-        pd.DataFrame({"year": f["year"], "month": f["month"], "day": f["day"]}).astype("int64"),
-        errors="coerce",
-    )
-    out = pd.DataFrame(
-        {
-            TIME_KEY: f["time_hour"],
-            "month": f["month"].astype("int16"),
-            "day_of_week": local_day.dt.day_of_week.astype("int16"),
-            "day_of_year": local_day.dt.day_of_year.astype("int16"),
-            "sched_dep_hour": f["hour"].astype("int16"),
-            "sched_dep_minute_of_day": dep_min.astype("int16"),
-            "sched_arr_minute_of_day": arr_min.astype("int16"),
-            "sched_duration": ((arr_min - dep_min) % 1440).astype("int16"),
-            "distance": f["distance"].astype("float32"),
-            "carrier": f["carrier"].astype("string"),
-            "origin": f["origin"].astype("string"),
-            "dest": f["dest"].astype("string"),
-            "tailnum": f["tailnum"].astype("string"),
-        },
-        index=f.index,
-    )
-    out = out.merge(dims.weather, how="left", left_on=["origin", TIME_KEY], right_on=["origin", "time_hour"])
-    out = out.merge(dims.planes, how="left", on="tailnum")
-    out["plane_age"] = (
-        f["year"].to_numpy(dtype="float64") - out.pop("plane_year").to_numpy(dtype="float64")
-    ).astype("float32")
-    out[LABEL] = (f["arr_delay"].to_numpy() > LATE_MINUTES).astype("int8")
-    for col in WEATHER_FEATURES:
-        out[col] = out[col].astype("float32")
-    for col in ("seats", "engines"):
-        out[col] = out[col].astype("float32")
-    return out[[TIME_KEY, *FEATURES, LABEL]]
+def lookups_from(store: Store, loaded: LoadedSpec, bronze_urls: dict[str, str]) -> Lookups:
+    """The lookup tables of the spec, read from their committed bronze versions."""
+    spec = loaded.spec
+    joins = []
+    for join in spec.joins:
+        keys = [*join.by.values(), *(join.asof or {}).values()]
+        frame = read_dataset_pandas(
+            store, bronze_urls[join.table], list(dict.fromkeys([*keys, *join.columns]))
+        )
+        if join.duplicates == "error" and frame.duplicated(keys).any():
+            raise StorageError(
+                f"{bronze_urls[join.table]}: duplicate keys {keys} in lookup table '{join.table}'"
+            )
+        frame = frame.drop_duplicates(keys, keep="last" if join.duplicates == "last" else "first")
+        joins.append(frame.rename(columns=join.columns))
+    members: dict[str, frozenset] = {}
+    refs = [f"{r.table}.{r.table_column}" for r in spec.rules if r.check == "in_table"]
+    refs += [c.levels_from for c in spec.features.categorical_specs() if c.levels_from]
+    for ref in dict.fromkeys(refs):
+        table, _, col = ref.partition(".")
+        values = read_dataset_pandas(store, bronze_urls[table], [col])[col].dropna()
+        members[ref] = frozenset(values.astype(str).unique())
+    return Lookups(joins=joins, members=members)
 
 
-def load_dimensions(store: Store, ingested: IngestResult) -> Dimensions:
-    t = ingested.tables
-    weather = read_dataset_pandas(store, t["weather"].bronze.url, ["origin", "time_hour", *WEATHER_FEATURES])
-    # The source repeats a few (origin, hour) readings; one reading per hour keeps the join 1:1.
-    weather = weather.drop_duplicates(["origin", "time_hour"], keep="first")
-    planes = read_dataset_pandas(store, t["planes"].bronze.url, ["tailnum", "year", "seats", "engines"])
-    planes = planes.rename(columns={"year": "plane_year"}).drop_duplicates("tailnum", keep="first")
-    carriers = read_dataset_pandas(store, t["airlines"].bronze.url, ["carrier"])["carrier"].dropna()
-    airports = read_dataset_pandas(store, t["airports"].bronze.url, ["faa"])["faa"].dropna()
-    return Dimensions(
-        carriers=sorted(carriers.astype(str).unique()),
-        airports=sorted(airports.astype(str).unique()),
-        weather=weather,
-        planes=planes,
-    )
+def _classes(loaded: LoadedSpec, frame: dd.DataFrame) -> list[str]:
+    """Class names: binary [negative, positive]; multiclass as listed, else every label value seen."""
+    label = loaded.spec.label
+    if label.task == "binary":
+        return (
+            ["0", "1"]
+            if label.positive_class is None
+            else [f"not {label.positive_class}", label.positive_class]
+        )
+    if label.task == "regression":
+        return []
+    if label.classes:
+        return list(label.classes)
+    if not label.column:
+        raise StorageError(
+            f"{loaded.where}: label.classes: list the classes of a multiclass label expression"
+        )
+    return sorted(map(str, frame[label.column].dropna().astype("string").unique().compute().tolist()))
 
 
-def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
-    flights_in = ingested.tables["flights"].bronze
+def _repeated(loaded: LoadedSpec, frame: dd.DataFrame) -> dict[str, frozenset]:
+    """Values that occur more than once in a column with a ``unique`` rule (global, not per partition)."""
+    cols = [r.column for r in loaded.spec.rules if r.check == "unique" and r.column in frame.columns]
+    counts = dask.compute({c: frame[c].value_counts() for c in cols})[0] if cols else {}
+    return {c: frozenset(v[v > 1].index.tolist()) for c, v in counts.items()}
+
+
+def clean(
+    store: Store,
+    ingested: IngestResult,
+    client: Any,
+    loaded: LoadedSpec | None = None,
+    train_end: str = "",
+    valid_end: str = "",
+) -> CleanResult:
+    """Validate, join, derive and label the spec's main table (default spec: the flagship)."""
+    loaded = loaded or load_spec(DEFAULT_SPEC)
+    spec = loaded.spec
+    main_in = ingested.tables[spec.main].bronze
+    split = split_params(loaded, train_end, valid_end)
     version = content_version(
-        "clean", {k: v.bronze.version for k, v in ingested.tables.items()}, code_version("clean")
+        "clean",
+        {k: v.bronze.version for k, v in ingested.tables.items()},
+        loaded.version,
+        dataclasses.asdict(split),
+        code_version("clean", "spec"),
     )
-    silver_url = store.dataset_url("silver_flights", version)
-    q_url = store.quarantine_url("silver_flights", version)
-    done, q_done = (
-        committed(store, "silver_flights", version),
-        committed(store, "silver_flights", version, q_url),
-    )
+    name = f"silver_{spec.name}"
+    silver_url = store.dataset_url(name, version)
+    q_url = store.quarantine_url(name, version)
+    done, q_done = committed(store, name, version), committed(store, name, version, q_url)
     if done is not None and q_done is not None:
-        return dataclasses.replace(_result(store, done, q_done, flights_in.rows), reused=True)
+        return dataclasses.replace(_result(store, done, q_done, main_in.rows), reused=True)
 
-    dims = load_dimensions(store, ingested)
-    flights = read_dataset(store, flights_in.url)
-    duplicates = find_duplicates(flights)
-    marked = flights.map_partitions(
-        _mark, dims, duplicates, meta=flights._meta.assign(**{REASON: pd.Series(dtype="string")})
+    frame = read_dataset(store, main_in.url)
+    classes = _classes(loaded, frame)
+    lookups = dataclasses.replace(
+        load_lookups(store, loaded, ingested),
+        repeated=_repeated(loaded, frame),
+        classes=tuple(classes) if spec.label.task == "multiclass" else (),
+    )
+    duplicates = find_duplicates(frame) if spec.duplicates == "quarantine" else set()
+    marked = frame.map_partitions(
+        _mark,
+        loaded,
+        lookups,
+        duplicates,
+        False,
+        meta=frame._meta.assign(**{REASON: pd.Series(dtype="string")}),
+    )
+    categorical = [c.name for c in spec.features.categorical_specs()]
+    schema = SilverSchema(
+        spec=spec.name,
+        spec_version=loaded.version,
+        features=list(spec.features.include),
+        categorical=categorical,
+        categories={},
+        label=spec.label.name,
+        task=spec.label.task,
+        classes=classes,
+        time_key=spec.time,
+        split=dataclasses.asdict(split),
+        baseline_keys=list(spec.baseline),
+        keys=list(spec.row_keys),
+        gate_metric=spec.gate_metric or DEFAULT_GATE[spec.label.task],
+        raw_fields={
+            c: k
+            for c, k in spec.sources[spec.main].columns.items()
+            if c not in loaded.label_columns and c not in spec.features.forbidden
+        },
     )
     valid = marked[marked[REASON].isna()].drop(columns=[REASON])
-    features = valid.map_partitions(build_features, dims, meta=build_features(flights._meta, dims))
+    meta = _silver_part(
+        frame._meta,
+        loaded,
+        Lookups([lk.head(0) for lk in lookups.joins], lookups.members),
+        schema,
+        loaded.spec.split.seed,
+    )
+    silver_frame = valid.map_partitions(_silver_part, loaded, lookups, schema, spec.split.seed, meta=meta)
     rejected = marked[~marked[REASON].isna()]
 
     for target in (silver_url, q_url):
@@ -267,23 +426,20 @@ def clean(store: Store, ingested: IngestResult, client: Any) -> CleanResult:
         "write_metadata_file": False,
         "name_function": lambda i: f"part-{i:05d}.parquet",
     }
-    dask.compute(features.to_parquet(silver_url, **write), rejected.to_parquet(q_url, **write))
+    dask.compute(silver_frame.to_parquet(silver_url, **write), rejected.to_parquet(q_url, **write))
 
-    silver_parts = dd.read_parquet(silver_url, columns=list(CATEGORICAL), storage_options=store.options)
-    categories = dask.compute({c: silver_parts[c].dropna().unique() for c in CATEGORICAL})[0]
-    categories = {c: sorted(map(str, v.tolist())) for c, v in categories.items()}
-    categories["carrier"] = sorted(set(categories["carrier"]) | set(dims.carriers))
-    lineage = {"bronze": {k: v.bronze.version for k, v in ingested.tables.items()}}
-    q = commit_dataset(store, "silver_flights", version, q_url, lineage | {"of": "silver_flights"})
-    extra = {
-        "features": list(FEATURES),
-        "label": LABEL,
-        "time_key": TIME_KEY,
-        "categories": categories,
-        "late_minutes": LATE_MINUTES,
-    }
-    silver = commit_dataset(store, "silver_flights", version, silver_url, lineage, extra=extra)
-    return _result(store, silver, q, flights_in.rows)
+    parts = dd.read_parquet(silver_url, columns=categorical or None, storage_options=store.options)
+    levels = dask.compute({c: parts[c].dropna().unique() for c in categorical})[0] if categorical else {}
+    categories = {c: sorted(map(str, v.tolist())) for c, v in levels.items()}
+    for cat in spec.features.categorical_specs():
+        if cat.levels_from:
+            categories[cat.name] = sorted(set(categories[cat.name]) | lookups.members[cat.levels_from])
+    schema = dataclasses.replace(schema, categories=categories)
+    lineage = {"bronze": {k: v.bronze.version for k, v in ingested.tables.items()}, "spec": loaded.version}
+    q = commit_dataset(store, name, version, q_url, lineage | {"of": name})
+    extra = schema.to_extra() | {"spec_document": spec.model_dump(mode="json")}
+    silver = commit_dataset(store, name, version, silver_url, lineage, extra=extra)
+    return _result(store, silver, q, main_in.rows)
 
 
 def _result(store: Store, silver: DatasetRef, q: DatasetRef, rows_in: int) -> CleanResult:
@@ -296,12 +452,7 @@ def _result(store: Store, silver: DatasetRef, q: DatasetRef, rows_in: int) -> Cl
     if q.rows:
         counts = read_dataset(store, q.url, columns=[REASON])[REASON].value_counts().compute()
         reasons = {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
-    extra = open_manifest(store, silver.url).extra
+    schema = SilverSchema.from_extra(open_manifest(store, silver.url).extra)
     return CleanResult(
-        silver=silver,
-        quarantine=q,
-        rows_in=rows_in,
-        quarantine_reasons=reasons,
-        features=list(extra["features"]),
-        categories=extra["categories"],
+        silver=silver, quarantine=q, rows_in=rows_in, quarantine_reasons=reasons, schema=schema
     )

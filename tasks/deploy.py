@@ -2,11 +2,17 @@
 
 The registry (versions, aliases, history, compare-and-swap) lives in
 ``conveyor/store/registry.py``; this module decides *whether* to promote. The gate
-compares the challenger with the champion scored on the same holdout
-(``tasks/evaluate.py``): the chosen metric must be at least the champion's
-minus a tolerance, and no guard metric (calibration, F1, ...) may regress past
-its limit. The promotion itself is a compare-and-swap against the champion the
-challenger was evaluated against, so two runs finishing at once cannot both win.
+metric is the spec's (from the silver manifest, unless the run names one), with
+its direction (higher is better for AUC, F1, accuracy, R²; lower for RMSE, MAE,
+log loss): the challenger must beat the naive baseline, and be at least as good
+as the champion scored on the same holdout (``tasks/evaluate.py``) within a
+tolerance; no guard metric (calibration, F1, ...) that the task has may regress
+past its limit. The promotion itself is a compare-and-swap against the champion
+the challenger was evaluated against, so two runs finishing at once cannot both win.
+
+The card carries the feature schema (``card["schema"]``): the silver schema plus
+each feature's type (numeric, or categorical with its allowed values), from
+which serving builds its typed request model.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import platform
 import posixpath
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from conveyor.store.registry import (  # noqa: F401  (re-exported: callers import these from conveyor.tasks.deploy)
     CARD,
@@ -28,25 +35,33 @@ from conveyor.store.registry import (  # noqa: F401  (re-exported: callers impor
     set_alias,
 )
 from conveyor.store.storage import Store, code_version, write_bytes_atomic
-from conveyor.tasks.clean import CleanResult
-from conveyor.tasks.evaluate import EvaluationResult
-from conveyor.tasks.train import TrainResult
+from conveyor.tasks.evaluate import (  # noqa: F401  (HIGHER/LOWER_IS_BETTER re-exported)
+    HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
+    EvaluationResult,
+    higher_is_better,
+    metric_names,
+)
+from conveyor.tasks.spec import SilverSchema
+from conveyor.tasks.train import TrainResult, silver_schema
 
-HIGHER_IS_BETTER = frozenset({"roc_auc", "accuracy", "precision", "recall", "f1"})
-LOWER_IS_BETTER = frozenset({"log_loss", "brier", "calibration_error"})
-# How far a guard metric may get worse than the champion's before the challenger is refused.
+if TYPE_CHECKING:
+    from conveyor.tasks.clean import CleanResult
+
+# How far a guard metric may get worse than the champion's before the challenger is refused
+# (a guard the task does not have, e.g. calibration for a regression, is not applied).
 DEFAULT_GUARDS: dict[str, float] = {"calibration_error": 0.02, "f1": 0.03}
 
 
 @dataclass(frozen=True)
 class GateParams:
-    metric: str = "roc_auc"
-    tolerance: float = 0.0  # challenger may be this much below the champion and still win
+    metric: str | None = None  # None: the spec's gate metric (EvaluationResult.gate_metric)
+    tolerance: float = 0.0  # challenger may be this much worse than the champion and still win
     must_beat_baseline: bool = True
     guards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GUARDS))
 
     def __post_init__(self) -> None:
-        for name in (self.metric, *self.guards):
+        for name in (*([self.metric] if self.metric is not None else []), *self.guards):
             if name not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
                 raise ValueError(
                     f"gate metric {name!r} is not one of {sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)}"
@@ -89,14 +104,39 @@ class DeployResult:
     report_markdown: str = ""
 
 
-def regression(metric: str, challenger: float, reference: float) -> float:
+def shortfall(metric: str, challenger: float, reference: float) -> float:
     """How much worse the challenger is than the reference (negative: better), whatever the metric's
     direction."""
-    return reference - challenger if metric in HIGHER_IS_BETTER else challenger - reference
+    return reference - challenger if higher_is_better(metric) else challenger - reference
+
+
+def feature_schema(schema: SilverSchema, trained: TrainResult) -> dict[str, Any]:
+    """``card["schema"]``: the silver schema as trained, plus each feature's type for a typed request model.
+
+    ``feature_types[name]`` is ``{"kind": "numeric", "dtype": "float32"}`` or
+    ``{"kind": "categorical", "values": [...]}`` (the levels seen in training;
+    another value is accepted and scored as missing).
+    """
+    out = schema.to_extra() | {
+        "features": list(trained.features),
+        "categories": {k: list(v) for k, v in trained.categories.items()},
+        "categorical": [f for f in trained.features if f in trained.categories],
+        "label": trained.label,
+        "task": trained.task,
+        "classes": list(trained.classes),
+    }
+    out["feature_types"] = {
+        f: {"kind": "categorical", "values": list(trained.categories[f])}
+        if f in trained.categories
+        else {"kind": "numeric", "dtype": "float32"}
+        for f in trained.features
+    }
+    return out
 
 
 def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult) -> str:
-    """Write the version's card once (holdout metrics, params, data and code versions, hardware)."""
+    """Write the version's card once (holdout metrics, params, data and code versions, hardware, schema)."""
+    schema = silver_schema(store, cleaned.silver.url)
     card = {
         "model": trained.model,
         "version": trained.version,
@@ -113,6 +153,7 @@ def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluatio
         "lineage": {"search": trained.search} if trained.search else {},
         "features": trained.features,
         "categories": trained.categories,
+        "schema": feature_schema(schema, trained),
         "datasets": {"silver": cleaned.silver.version, "silver_url": cleaned.silver.url},
         "split": trained.split,
         "training": {
@@ -133,22 +174,36 @@ def register(store: Store, cleaned: CleanResult, trained: TrainResult, evaluatio
     return register_card(store, trained.model, trained.version, card)
 
 
+def gate_metric(evaluation: EvaluationResult, params: GateParams) -> str:
+    """The metric the gate compares: the run's choice, else the spec's; it must be one of the task's."""
+    metric = params.metric or evaluation.gate_metric
+    allowed = metric_names(evaluation.task)
+    if metric not in allowed:
+        raise ValueError(
+            f"gate metric {metric!r} is not a {evaluation.task} metric (choose from {list(allowed)})"
+        )
+    return metric
+
+
 def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
     """Every check of the gate, and the first reason to refuse (or why it passed)."""
-    ours = getattr(evaluation.metrics, params.metric)
+    metric = gate_metric(evaluation, params)
+    task_metrics = metric_names(evaluation.task)
+    guards = {name: limit for name, limit in params.guards.items() if name in task_metrics}
+    ours = getattr(evaluation.metrics, metric)
     checks: list[GateCheck] = []
     if params.must_beat_baseline:
-        base = getattr(evaluation.baseline, params.metric)
-        ok = regression(params.metric, ours, base) < 0
+        base = getattr(evaluation.baseline, metric)
+        ok = shortfall(metric, ours, base) < 0
         checks.append(
             GateCheck(
                 "baseline",
-                params.metric,
+                metric,
                 ours,
                 base,
                 0.0,
                 ok,
-                f"{params.metric} {ours:.4f} {'beats' if ok else 'does not beat'} the baseline's {base:.4f}",
+                f"{metric} {ours:.4f} {'beats' if ok else 'does not beat'} the baseline's {base:.4f}",
             )
         )
     champ = evaluation.champion
@@ -157,35 +212,32 @@ def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
         if failed:
             return GateDecision(False, failed[0], checks)
         if champ is None:
-            return GateDecision(
-                True, f"no champion yet; {params.metric} {ours:.4f} beats the baseline", checks
-            )
+            return GateDecision(True, f"no champion yet; {metric} {ours:.4f} beats the baseline", checks)
         return GateDecision(
             False,
             f"champion {champ.version} could not be scored on this holdout ({champ.note}); keeping it",
             checks,
         )
-    theirs = getattr(champ.metrics, params.metric)
-    ok = regression(params.metric, ours, theirs) <= params.tolerance
-    cmp = ">=" if ok else "<"
-    if params.metric in LOWER_IS_BETTER:
-        cmp = "<=" if ok else ">"
-    sign = "-" if params.metric in HIGHER_IS_BETTER else "+"
+    theirs = getattr(champ.metrics, metric)
+    ok = shortfall(metric, ours, theirs) <= params.tolerance
+    higher = higher_is_better(metric)
+    cmp = (">=" if ok else "<") if higher else ("<=" if ok else ">")
+    sign = "-" if higher else "+"
     checks.append(
         GateCheck(
             "metric",
-            params.metric,
+            metric,
             ours,
             theirs,
             params.tolerance,
             ok,
-            f"{params.metric} {ours:.4f} {cmp} champion {champ.version}'s {theirs:.4f} "
+            f"{metric} {ours:.4f} {cmp} champion {champ.version}'s {theirs:.4f} "
             f"{sign} tolerance {params.tolerance}",
         )
     )
-    for name, limit in params.guards.items():
+    for name, limit in guards.items():
         mine, ref = getattr(evaluation.metrics, name), getattr(champ.metrics, name)
-        worse = regression(name, mine, ref)
+        worse = shortfall(name, mine, ref)
         passed = worse <= limit
         checks.append(
             GateCheck(
@@ -205,8 +257,7 @@ def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
     # Every check is listed (the report shows them all); the metric check's wording leads a pass.
     return GateDecision(
         True,
-        checks[-len(params.guards) - 1].detail
-        + (f"; guards within limits ({', '.join(params.guards)})" if params.guards else ""),
+        checks[-len(guards) - 1].detail + (f"; guards within limits ({', '.join(guards)})" if guards else ""),
         checks,
     )
 
@@ -243,6 +294,7 @@ def deploy(
     evaluation: EvaluationResult,
     params: GateParams = GateParams(),
 ) -> DeployResult:
+    gate_metric(evaluation, params)  # a metric the task does not have fails before anything is written
     card_url = register(store, cleaned, trained, evaluation)
     before = read_alias(store, trained.model)
     before_version = before.version if before else None

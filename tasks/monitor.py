@@ -37,8 +37,8 @@ class Thresholds:
     )  # ... unless listed here
     max_quarantine_share: float = 0.10  # quarantined / rows in
     max_psi: float = 0.25  # population stability index per feature (0.1 moderate, 0.25 significant shift)
-    max_metric_drop: float = 0.01  # champion's holdout metric minus the challenger's
-    metric: str = "roc_auc"
+    max_metric_drop: float = 0.01  # how much worse than the champion's the challenger's holdout metric may be
+    metric: str = "roc_auc"  # a metric the task lacks (roc_auc of a regression) means the task's gate metric
 
 
 @dataclass(frozen=True)
@@ -229,17 +229,19 @@ def check_model(
     champion_metrics: dict[str, float] | None,
     champion_version: str | None,
     thresholds: Thresholds,
+    gate_metric: str | None = None,
 ) -> MonitorReport:
-    """The challenger's holdout metric against the champion's on the same holdout."""
+    """The challenger's holdout metric against the champion's on the same holdout.
+
+    The metric is ``thresholds.metric`` when the task has it, else ``gate_metric``
+    (the spec's): a regression has no ROC AUC to watch.
+    """
+    from conveyor.tasks.evaluate import improvement
+
     checks: list[Check] = []
-    metric = thresholds.metric
+    metric = thresholds.metric if thresholds.metric in metrics or gate_metric is None else gate_metric
     if champion_metrics is not None and metric in champion_metrics and metric in metrics:
-        higher_is_better = metric not in {"log_loss", "brier", "calibration_error"}
-        drop = (
-            champion_metrics[metric] - metrics[metric]
-            if higher_is_better
-            else metrics[metric] - champion_metrics[metric]
-        )
+        drop = -improvement(metric, metrics[metric], champion_metrics[metric])
         checks.append(
             Check(
                 f"metric_drop:{metric}",

@@ -2,7 +2,10 @@
 
 Every path encodes features exactly as training did (``conveyor.tasks.train.encode``
 with the categories recorded in the model's card), so a row scored by the
-HTTP API, by the batch flow or by evaluate gets the same probability.
+HTTP API, by the batch flow or by evaluate gets the same prediction. What a
+prediction is follows the task in the card's schema: binary, the positive
+class's probability and the class at the card's threshold; multiclass, one
+probability per class and the most probable class's name; regression, the value.
 """
 
 from __future__ import annotations
@@ -29,11 +32,30 @@ from conveyor.store.storage import (
     read_dataset,
 )
 from conveyor.tasks.loading import LoadedModel, load_model
+from conveyor.tasks.spec import SplitParams
 
-PROBABILITY = "probability"
-PREDICTION = "prediction"
+PROBABILITY = "probability"  # binary; multiclass writes probability_<class> per class
+PREDICTION = "prediction"  # binary: 0/1 at the threshold; multiclass: the class name; regression: the value
 MODEL_VERSION = "model_version"
 MAX_ERRORS = 20  # a 422 lists at most this many problems
+
+
+def card_target(card: dict[str, Any]) -> Any:
+    """What the model predicts (a ``conveyor.tasks.train.Target``), from its card's schema.
+
+    A card written before pipeline specs has no schema: the flights binary model.
+    """
+    from conveyor.tasks.train import Target
+
+    schema = card.get("schema") if isinstance(card.get("schema"), dict) else {}
+    if "task" not in schema:
+        return Target()
+    return Target(schema["label"], schema["task"], tuple(schema.get("classes") or ()))
+
+
+def probability_column(name: str) -> str:
+    """The batch output column of one class's probability (multiclass)."""
+    return f"{PROBABILITY}_{name}"
 
 
 @dataclass(frozen=True)
@@ -123,8 +145,40 @@ def rows_to_frame(rows: list[dict[str, Any]], model: LoadedModel) -> pd.DataFram
 
 
 def predict_frame(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
-    """Late probabilities for an encoded frame (``inplace_predict`` is thread-safe in XGBoost)."""
-    return np.asarray(model.booster.inplace_predict(frame), dtype="float64")
+    """Predictions for an encoded frame (``inplace_predict`` is thread-safe in XGBoost).
+
+    Binary: the positive class's probability per row, shape (n,); multiclass:
+    one probability per class, shape (n, classes); regression: the value, (n,).
+    """
+    values = np.asarray(model.booster.inplace_predict(frame), dtype="float64")
+    target = card_target(model.card)
+    return values.reshape(len(frame), target.num_class) if target.task == "multiclass" else values.reshape(-1)
+
+
+def prediction_payload(model: LoadedModel, values: np.ndarray) -> dict[str, Any]:
+    """The response body fields for :func:`predict_frame`'s output, per task.
+
+    Binary: ``probabilities`` and ``predictions`` (0/1 at ``threshold``);
+    multiclass: ``probabilities`` (one object of class: probability per row)
+    and ``predictions`` (class names); regression: ``predictions`` (values).
+    """
+    target = card_target(model.card)
+    if target.task == "binary":
+        return {
+            "task": "binary",
+            "threshold": model.threshold,
+            "probabilities": values.tolist(),
+            "predictions": [int(p >= model.threshold) for p in values],
+        }
+    if target.task == "multiclass":
+        classes = list(target.classes)
+        return {
+            "task": "multiclass",
+            "classes": classes,
+            "probabilities": [dict(zip(classes, map(float, row), strict=True)) for row in values],
+            "predictions": [classes[i] for i in values.argmax(axis=1)] if len(values) else [],
+        }
+    return {"task": "regression", "predictions": values.tolist()}
 
 
 # --- batch scoring on the Dask cluster --------------------------------------------------------
@@ -137,8 +191,25 @@ class ScoringResult:
     model_version: str
     input_url: str
     rows: int
-    positive_rate: float  # share of rows predicted late at the card's threshold
+    positive_rate: float  # binary: share of rows predicted positive at the card's threshold; else NaN
     reused: bool = False
+    task: str = "binary"
+    # binary: positive rate; multiclass: class shares; regression: mean and std of the predictions
+    summary: dict[str, float] = field(default_factory=dict)
+    # Raw rows only (conveyor.tasks.inference.score_raw): the rows that could not be scored, and why.
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    quarantine_url: str = ""
+    exported_to: str = ""
+
+    def describe(self) -> str:
+        """The predictions in one phrase, per task (for logs and artifacts)."""
+        if self.task == "binary":
+            return f"{self.positive_rate:.1%} predicted positive"
+        if self.task == "multiclass":
+            return "predicted " + ", ".join(f"{c} {v:.1%}" for c, v in self.summary.items())
+        mean, std = self.summary.get("mean", math.nan), self.summary.get("std", math.nan)
+        return f"mean prediction {mean:.4g} (std {std:.4g})"
 
 
 _BOOSTERS: dict[str, Any] = {}
@@ -166,17 +237,31 @@ def _score_part(
     threshold: float,
     keep: list[str],
     model_file: str = "model.ubj",
+    target: Any = None,
 ) -> pd.DataFrame:
+    from conveyor.tasks.train import Target
+
+    target = target or Target()
     out = part[keep].reset_index(drop=True)
+    width = target.num_class if target.task == "multiclass" else 0
     if len(part):
         p = _worker_booster(version, raw, model_file).inplace_predict(
             encode_known(part[features], categories)[features]
         )
         p = np.asarray(p, dtype="float64")
     else:
-        p = np.zeros(0, dtype="float64")
-    out[PROBABILITY] = p
-    out[PREDICTION] = (p >= threshold).astype("int8")
+        p = np.zeros((0, width) if width else 0, dtype="float64")
+    if target.task == "binary":
+        out[PROBABILITY] = p
+        out[PREDICTION] = (p >= threshold).astype("int8")
+    elif target.task == "multiclass":
+        p = p.reshape(len(part), width)
+        for j, name in enumerate(target.classes):
+            out[probability_column(name)] = p[:, j]
+        names = np.asarray(target.classes, dtype=object)
+        out[PREDICTION] = pd.array(names[p.argmax(axis=1)] if len(p) else [], dtype="string")
+    else:
+        out[PREDICTION] = p.reshape(-1)
     out[MODEL_VERSION] = pd.Series([version] * len(part), dtype="string")
     return out
 
@@ -213,7 +298,14 @@ def score_dataset(
     missing = [f for f in loaded.features if f not in manifest.schema]
     if missing:
         raise StorageError(f"{input_url}: field(s) {missing} needed by {model} {loaded.version} are missing")
-    keep = list(keep if keep is not None else [c for c in ("sched_dep", "is_late") if c in manifest.schema])
+    from conveyor.tasks.train import LEGACY_SCHEMA
+
+    target = card_target(loaded.card)
+    schema = loaded.card.get("schema") or {}
+    default_keep = [schema.get("time_key", LEGACY_SCHEMA["time_key"]), target.label]
+    keep = list(
+        keep if keep is not None else [c for c in dict.fromkeys(default_keep) if c in manifest.schema]
+    )
     unknown = [c for c in keep if c not in manifest.schema]
     if unknown:
         raise StorageError(f"{input_url}: column(s) {unknown} asked to be kept are not in the dataset")
@@ -224,7 +316,7 @@ def score_dataset(
     out_url = store.dataset_url(name, out_version)
     done = committed(store, name, out_version)
     if done is not None:
-        return _result(store, done, model, loaded.version, input_url, reused=True)
+        return _result(store, done, model, loaded.version, input_url, reused=True, target=target)
 
     model_file = loaded.card.get("model_file", "model.ubj")
     with store.fs.open(
@@ -234,7 +326,14 @@ def score_dataset(
     [raw_future] = client.scatter([raw], broadcast=True, hash=False)
     frame = read_dataset(store, input_url, columns=list(dict.fromkeys([*keep, *loaded.features])))
     meta = _score_part(
-        frame._meta, b"", loaded.version, loaded.features, loaded.categories, loaded.threshold, keep
+        frame._meta,
+        b"",
+        loaded.version,
+        loaded.features,
+        loaded.categories,
+        loaded.threshold,
+        keep,
+        target=target,
     )
     scored = frame.map_partitions(
         _score_part,
@@ -245,6 +344,7 @@ def score_dataset(
         loaded.threshold,
         keep,
         model_file,
+        target,
         meta=meta,
     )
     clear_version(store, out_url)
@@ -268,20 +368,44 @@ def score_dataset(
         out_version,
         out_url,
         lineage,
-        extra={"model": model, "model_version": loaded.version, "threshold": loaded.threshold},
+        extra={
+            "model": model,
+            "model_version": loaded.version,
+            "threshold": loaded.threshold,
+            "task": target.task,
+            "classes": list(target.classes),
+        },
     )
-    return _result(store, ref, model, loaded.version, input_url, reused=False)
+    return _result(store, ref, model, loaded.version, input_url, reused=False, target=target)
 
 
 def _result(
-    store: Store, ref: DatasetRef, model: str, version: str, input_url: str, reused: bool
+    store: Store,
+    ref: DatasetRef,
+    model: str,
+    version: str,
+    input_url: str,
+    reused: bool,
+    target: Any = None,
 ) -> ScoringResult:
-    rate = (
-        float(read_dataset(store, ref.url, columns=[PREDICTION])[PREDICTION].mean().compute())
-        if ref.rows
-        else 0.0
-    )
-    return ScoringResult(ref, model, version, input_url, ref.rows, rate, reused)
+    from conveyor.tasks.train import Target
+
+    target = target or Target()
+    predicted = read_dataset(store, ref.url, columns=[PREDICTION])[PREDICTION] if ref.rows else None
+    summary: dict[str, float] = {}
+    rate = math.nan
+    if target.task == "binary":
+        rate = float(predicted.mean().compute()) if predicted is not None else 0.0
+        summary = {"positive_rate": rate}
+    elif target.task == "multiclass":
+        counts = predicted.value_counts().compute() if predicted is not None else pd.Series(dtype="int64")
+        summary = {c: float(counts.get(c, 0) / max(ref.rows, 1)) for c in target.classes}
+    elif predicted is not None:
+        import dask
+
+        mean, std = dask.compute(predicted.mean(), predicted.std())
+        summary = {"mean": float(mean), "std": float(std)}
+    return ScoringResult(ref, model, version, input_url, ref.rows, rate, reused, target.task, summary)
 
 
 # --- monitoring: the live champion on recent labelled data ------------------------------------
@@ -289,16 +413,44 @@ def _result(
 
 @dataclass(frozen=True)
 class MonitorCheck:
+    """The live champion's gate metric on labelled data against the value on its card."""
+
     model: str
     version: str
     data_url: str
     rows: int
-    roc_auc: float
-    card_roc_auc: float
-    max_auc_drop: float
+    value: float  # the metric on the live data (NaN: no verdict)
+    card_value: float  # the metric on the card (the holdout at training time)
+    max_drop: (
+        float  # allowed worsening: absolute for scores in [0, 1], a share of the card's value for errors
+    )
     breached: bool
     reason: str
     metrics: dict[str, float] = field(default_factory=dict)
+    metric: str = "roc_auc"
+
+    @property
+    def roc_auc(self) -> float:
+        return self.value if self.metric == "roc_auc" else math.nan
+
+    @property
+    def card_roc_auc(self) -> float:
+        return self.card_value if self.metric == "roc_auc" else math.nan
+
+    @property
+    def max_auc_drop(self) -> float:
+        return self.max_drop
+
+
+RELATIVE_DROP = frozenset({"log_loss", "brier", "rmse", "mae"})  # unbounded errors: the drop is relative
+
+
+def worsening(metric: str, value: float, card_value: float) -> float:
+    """How much worse the live value is than the card's: absolute for bounded scores, relative for errors."""
+    from conveyor.tasks.evaluate import improvement
+
+    worse = -improvement(metric, value, card_value)
+    return worse / abs(card_value) if metric in RELATIVE_DROP and card_value else worse
 
 
 def monitor_check(
@@ -310,58 +462,88 @@ def monitor_check(
     min_rows: int = 500,
     alias: str = CHAMPION,
 ) -> MonitorCheck:
-    """Score the live champion on labelled data and compare its ROC AUC with its card's.
+    """Score the live champion on labelled data and compare its gate metric with its card's.
 
-    ``data_url`` is a committed dataset with the features and the label; without
-    it the holdout of the champion's own silver dataset is replayed (a check that
-    the artifact still reproduces its card, e.g. after a storage or code change).
+    The metric is the card's gate metric (ROC AUC for a binary model without a
+    schema). ``max_auc_drop`` is the allowed worsening: absolute for scores in
+    [0, 1] (AUC, F1, accuracy, R²), a share of the card's value for errors
+    (RMSE, MAE, log loss). ``data_url`` is a committed dataset with the
+    features and the label; without it the holdout of the champion's own
+    silver dataset is replayed (a check that the artifact still reproduces its
+    card, e.g. after a storage or code change).
     """
     import dask
-    from sklearn.metrics import roc_auc_score
 
-    from conveyor.tasks.clean import LABEL
-    from conveyor.tasks.train import SplitParams, load_split, predict_dask
+    from conveyor.tasks.evaluate import as_array, metric_names, score_target
+    from conveyor.tasks.train import load_split, predict_dask
 
     loaded = _resolve(store, model, None, alias)
     card = loaded.card
+    target = card_target(card)
+    label = target.label
+    schema = card.get("schema") or {}
+    metric = schema.get("gate_metric", "roc_auc")
+    if metric not in metric_names(target.task) or metric not in card.get("metrics", {}):
+        raise ModelLoadError(f"{model} {loaded.version}: its card has no {target.task} metric {metric!r}")
     if data_url is None:
         data_url = card["datasets"]["silver_url"]
-        split = SplitParams(**card["split"]) if card.get("split") else SplitParams()
-        frame = load_split(store, data_url, split, "holdout", [*loaded.features, LABEL])
+        split = SplitParams(**card["split"]) if card.get("split") else None
+        frame = load_split(store, data_url, split, "holdout", [*loaded.features, label])
     else:
         manifest = open_manifest(store, data_url)
-        missing = [c for c in [*loaded.features, LABEL] if c not in manifest.schema]
+        missing = [c for c in [*loaded.features, label] if c not in manifest.schema]
         if missing:
             raise StorageError(
                 f"{data_url}: field(s) {missing} needed to monitor {model} {loaded.version} are missing"
             )
         frame = categorize_known(
-            read_dataset(store, data_url, columns=[*loaded.features, LABEL]), loaded.categories
+            read_dataset(store, data_url, columns=[*loaded.features, label]), loaded.categories
         )
-    frame = frame[frame[LABEL].notnull()]
-    p, y = dask.compute(predict_dask(client, loaded.booster, frame[loaded.features]), frame[LABEL])
-    p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=int)
-    card_auc = float(card["metrics"]["roc_auc"])
-    if len(y) < min_rows or len(np.unique(y)) < 2:
+    frame = frame[frame[label].notnull()]
+    p, y = dask.compute(predict_dask(client, loaded.booster, frame[loaded.features]), frame[label])
+    p = as_array(p, target)
+    y = np.asarray(y, dtype="float64" if target.task == "regression" else int)
+    card_value = float(card["metrics"][metric])
+    classes_seen = len(np.unique(y)) if len(y) else 0
+    if len(y) < min_rows or (target.task != "regression" and classes_seen < 2):
         return MonitorCheck(
             model,
             loaded.version,
             data_url,
             int(len(y)),
-            float("nan"),
-            card_auc,
+            math.nan,
+            card_value,
             max_auc_drop,
             False,
-            f"only {len(y)} labelled rows (need {min_rows} with both classes); no verdict",
+            f"only {len(y)} labelled rows (need {min_rows}"
+            + (" with at least two classes" if target.task != "regression" else "")
+            + "); no verdict",
+            metric=metric,
         )
-    auc = float(roc_auc_score(y, p))
-    breached = auc < card_auc - max_auc_drop
-    verb = "is below" if breached else "is within"
+    scored = score_target(target, y, p, threshold=loaded.threshold)
+    value = float(getattr(scored, metric))
+    worse = worsening(metric, value, card_value)
+    breached = worse > max_auc_drop
+    allowed = f"{max_auc_drop:.0%} worse" if metric in RELATIVE_DROP else f"{max_auc_drop} worse"
     reason = (
-        f"live ROC AUC {auc:.4f} on {len(y):,} rows {verb} card AUC {card_auc:.4f} - {max_auc_drop} "
-        f"for {model} {loaded.version}"
+        f"live {metric} {value:.4f} on {len(y):,} rows is {'more' if breached else 'no more'} than {allowed} "
+        f"than the card's {card_value:.4f} for {model} {loaded.version}"
     )
-    metrics = {"roc_auc": auc, "positive_rate": float(y.mean()), "mean_probability": float(p.mean())}
+    metrics = {metric: value}
+    if target.task == "binary":
+        metrics |= {"positive_rate": float(y.mean()), "mean_probability": float(p.mean())}
+    elif target.task == "regression":
+        metrics |= {"mean_label": float(y.mean()), "mean_prediction": float(p.mean())}
     return MonitorCheck(
-        model, loaded.version, data_url, int(len(y)), auc, card_auc, max_auc_drop, breached, reason, metrics
+        model,
+        loaded.version,
+        data_url,
+        int(len(y)),
+        value,
+        card_value,
+        max_auc_drop,
+        breached,
+        reason,
+        metrics,
+        metric,
     )

@@ -11,6 +11,12 @@ metrics, ties going to the earlier candidate. The winner is committed as an
 ordinary model version (the version its parameters would get from a plain
 training) and the search record is written last, under
 ``searches/<model>/<version>/search.json``, so a rerun reuses it.
+
+The selection metric follows the task (silver manifest): ``auc`` or
+``logloss`` for binary, ``mlogloss`` (or ``merror``) for multiclass, ``rmse``
+for regression; ``auto`` (and the binary default ``auc`` on another task)
+means the task's first. ``linear`` is binary-only, so a search of another
+task skips it (recorded in the search record).
 """
 
 from __future__ import annotations
@@ -22,16 +28,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from conveyor.store.storage import Store, code_version, content_version, exists, read_json, write_json_atomic
-from conveyor.tasks.clean import CleanResult
 from conveyor.tasks.families import FAMILIES, ForestParams
+from conveyor.tasks.spec import SplitParams
 from conveyor.tasks.train import (
     Fitted,
-    SplitParams,
+    Target,
     TrainParams,
     TrainResult,
     committed_model,
@@ -39,17 +45,44 @@ from conveyor.tasks.train import (
     load_frames,
     model_version,
     resolve_device,
+    resolve_split,
+    silver_schema,
     write_model,
 )
 
+if TYPE_CHECKING:
+    from conveyor.tasks.clean import CleanResult
+
 SEARCH_FILE = "search.json"
+# Validation metrics a search may pick by, per task (XGBoost's names); the first is the task's default.
+SEARCH_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "logloss"),
+    "multiclass": ("mlogloss", "merror"),
+    "regression": ("rmse",),
+}
+HIGHER_IS_BETTER = frozenset({"auc"})
+SearchMetric = Literal["auto", "auc", "logloss", "mlogloss", "merror", "rmse"]
+
+
+def search_metric(requested: str, task: str) -> str:
+    """The metric a search of ``task`` ranks by: ``requested`` when the task has it, else its default."""
+    allowed = SEARCH_METRICS[task]
+    if requested in allowed:
+        return requested
+    if requested == "auto" or (requested == "auc" and task != "binary"):
+        return allowed[0]
+    if requested == "logloss" and task == "multiclass":
+        return "mlogloss"
+    raise ValueError(
+        f"search metric {requested!r} is not a {task} metric (choose from {list(allowed)} or auto)"
+    )
 
 
 @dataclass(frozen=True)
 class SearchParams:
     budget: int = 6  # candidates trained, at most
     families: tuple[str, ...] = FAMILIES
-    metric: Literal["auc", "logloss"] = "auc"  # validation metric that picks the winner
+    metric: SearchMetric = "auc"  # validation metric that picks the winner (see search_metric)
     parallelism: int | None = None  # concurrent candidates; None = one per worker (GPU)
     seed: int = 13
 
@@ -136,10 +169,12 @@ class Candidate:
     seconds: float
     slot: str
     version: str  # the model version these parameters map to
+    valid_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _score(c: Candidate, metric: str) -> float:
-    value = c.valid_auc if metric == "auc" else -c.valid_logloss
+    value = c.valid_metrics.get(metric, c.valid_auc if metric == "auc" else c.valid_logloss)
+    value = value if metric in HIGHER_IS_BETTER else -value
     return value if math.isfinite(value) else -math.inf
 
 
@@ -176,10 +211,19 @@ def run_search(
     client: Any,
     search: SearchParams,
     base: TrainParams = TrainParams(),
-    split: SplitParams = SplitParams(),
+    split: SplitParams | None = None,
     model: str = "flights_late",
 ) -> TrainResult:
     """Train up to ``search.budget`` candidates in parallel slots and commit the best as a model version."""
+    schema = silver_schema(store, cleaned.silver.url)
+    target = Target.of(schema)
+    metric = search_metric(search.metric, schema.task)
+    families = tuple(f for f in search.families if f != "linear" or schema.task == "binary")
+    skipped = {f: f"binary-only; this task is {schema.task}" for f in search.families if f not in families}
+    if not families:
+        raise ValueError(f"search families {list(search.families)} has none for a {schema.task} task")
+    search = dataclasses.replace(search, families=families, metric=metric)
+    split = resolve_split(store, cleaned, split)
     version = search_version(cleaned, search, base, split)
     record_url = search_url(store, model, version)
     if exists(store, record_url):
@@ -208,7 +252,14 @@ def run_search(
         try:
             t0 = time.perf_counter()
             result = fit(
-                client, placed[slot][0], cleaned.features, cleaned.categories, params, device, workers=[slot]
+                client,
+                placed[slot][0],
+                schema.features,
+                schema.categories,
+                params,
+                device,
+                workers=[slot],
+                target=target,
             )
             seconds = time.perf_counter() - t0
         finally:
@@ -226,6 +277,7 @@ def run_search(
             round(seconds, 3),
             slot,
             model_version(cleaned, params, split),
+            dict(result.valid_metrics),
         )
 
     # Longest first, so one long candidate does not start last and leave the other slots idle.
@@ -241,6 +293,7 @@ def run_search(
         "budget": search.budget,
         "families": list(search.families),
         "metric": search.metric,
+        "skipped_families": skipped,
         "seed": search.seed,
         "parallelism": width,
         "device": device,
@@ -287,8 +340,12 @@ class SearchSummary:
                     "rank": rank_,
                     "candidate": c["candidate"],
                     "family": c["family"],
-                    "valid_auc": round(c["valid_auc"], 5),
-                    "valid_logloss": round(c["valid_logloss"], 5),
+                    **{
+                        f"valid_{m}": round(v, 5)
+                        for m, v in (
+                            c.get("valid_metrics") or {"auc": c["valid_auc"], "logloss": c["valid_logloss"]}
+                        ).items()
+                    },
                     "rounds": c["best_iteration"] + 1,
                     "seconds": c["seconds"],
                     "slot": c["slot"],

@@ -1,8 +1,13 @@
-"""Train: one model family on the Dask cluster, time-based split, early stopping on the validation slice.
+"""Train: one model family on the Dask cluster, the spec's split, early stopping on the validation slice.
 
+What is learnt comes from the silver manifest (:class:`~conveyor.tasks.spec.SilverSchema`):
+the features, their category levels, the label and the task. ``binary`` trains
+``binary:logistic`` (stopping on AUC), ``multiclass`` ``multi:softprob``
+(stopping on mlogloss), ``regression`` ``reg:squarederror`` (stopping on RMSE).
 Families (``TrainParams.family``): ``gbtree`` (boosted trees) and
-``random_forest`` with ``xgboost.dask``; ``linear`` (logistic regression, see
-tasks/families.py) by L-BFGS map-reduce over the same partitions.
+``random_forest`` with ``xgboost.dask`` for every task; ``linear`` (logistic
+regression, see tasks/families.py, by L-BFGS map-reduce over the same
+partitions) for ``binary`` only.
 
 The model is written (XGBoost UBJ for trees, JSON weights for the linear
 model; never pickle) under ``models/<model>/<version>/`` with ``train.json`` beside it; the version is not
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -37,7 +44,6 @@ from conveyor.store.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from conveyor.tasks.clean import CATEGORICAL, FEATURES, LABEL, TIME_KEY, CleanResult
 from conveyor.tasks.families import (
     FAMILIES,
     LINEAR_FILE,
@@ -47,18 +53,77 @@ from conveyor.tasks.families import (
     LinearParams,
     fit_linear,
 )
+from conveyor.tasks.spec import FOLD, SilverSchema, SplitParams, Task
+
+if TYPE_CHECKING:
+    from conveyor.tasks.clean import CleanResult
 
 MODEL_FILE = "model.ubj"
 TRAIN_INFO = "train.json"
 SPREAD_LAZY_FACTOR = 8  # partitions per worker from which a slice is left to the scheduler (see spread)
 
+# What a silver manifest written before pipeline specs (no 'task' in its extra) means: the flights pipeline.
+LEGACY_SCHEMA: dict[str, Any] = {
+    "spec": "flights",
+    "label": "is_late",
+    "task": "binary",
+    "classes": ["on time", "late"],
+    "categorical": ["carrier", "origin", "dest"],
+    "time_key": "sched_dep",
+    "baseline_keys": ["carrier", "sched_dep_hour"],
+    "gate_metric": "roc_auc",
+}
+# Per task: the objective and the validation metrics XGBoost reports; early stopping uses the last one.
+OBJECTIVES: dict[str, tuple[str, list[str]]] = {
+    "binary": ("binary:logistic", ["logloss", "auc"]),
+    "multiclass": ("multi:softprob", ["merror", "mlogloss"]),
+    "regression": ("reg:squarederror", ["rmse"]),
+}
+
+
+def silver_schema(store: Store, silver_url: str) -> SilverSchema:
+    """What clean committed about the silver data: features, levels, label, task, split, baseline, gate.
+
+    A manifest from before pipeline specs (no ``task`` in its extra) is the
+    flights pipeline, read with its values of that time (:data:`LEGACY_SCHEMA`).
+    """
+    extra = open_manifest(store, silver_url).extra
+    if "task" in extra:
+        return SilverSchema.from_extra(extra)
+    features = list(extra["features"])
+    legacy = LEGACY_SCHEMA
+    time_key = extra.get("time_key", legacy["time_key"])
+    return SilverSchema(
+        spec=legacy["spec"],
+        spec_version="",
+        features=features,
+        categorical=[c for c in legacy["categorical"] if c in features],
+        categories=extra["categories"],
+        label=extra.get("label", legacy["label"]),
+        task=legacy["task"],
+        classes=list(legacy["classes"]),
+        time_key=time_key,
+        split=asdict(SplitParams(time_key=time_key)),
+        baseline_keys=list(legacy["baseline_keys"]),
+        gate_metric=legacy["gate_metric"],
+    )
+
 
 @dataclass(frozen=True)
-class SplitParams:
-    """Time-based split: train on earlier months, pick the stopping round on the next, test on the rest."""
+class Target:
+    """What a model learns: the label column, the task and (classification) the class names in code order."""
 
-    train_end: str = "2013-09-01"  # train: sched_dep < train_end
-    valid_end: str = "2013-10-01"  # validation: train_end <= sched_dep < valid_end; holdout: after
+    label: str = LEGACY_SCHEMA["label"]
+    task: Task = "binary"
+    classes: tuple[str, ...] = tuple(LEGACY_SCHEMA["classes"])
+
+    @classmethod
+    def of(cls, schema: SilverSchema) -> Target:
+        return cls(schema.label, schema.task, tuple(schema.classes))
+
+    @property
+    def num_class(self) -> int:
+        return len(self.classes) if self.task == "multiclass" else 0
 
 
 @dataclass(frozen=True)
@@ -120,8 +185,8 @@ class TrainResult:
     version: str
     model_url: str  # the folder of this model version
     best_iteration: int
-    valid_logloss: float
-    valid_auc: float
+    valid_logloss: float  # binary: logloss, multiclass: mlogloss, regression: NaN
+    valid_auc: float  # binary only (NaN otherwise)
     train_rows: int
     valid_rows: int
     device: str
@@ -140,6 +205,14 @@ class TrainResult:
     search: dict[str, Any] = field(
         default_factory=dict
     )  # set when a search picked this model (tasks/search.py)
+    label: str = LEGACY_SCHEMA["label"]
+    task: str = "binary"
+    classes: list[str] = field(default_factory=lambda: list(LEGACY_SCHEMA["classes"]))
+    valid_metrics: dict[str, float] = field(default_factory=dict)  # XGBoost's names: auc, mlogloss, rmse, ...
+
+    @property
+    def target(self) -> Target:
+        return Target(self.label, self.task, tuple(self.classes))
 
 
 def workers_have_gpus(client: Any) -> bool:
@@ -147,32 +220,38 @@ def workers_have_gpus(client: Any) -> bool:
     return bool(counts) and all(c > 0 for c in counts.values())
 
 
-def encode(frame: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFrame:
+def encode(
+    frame: pd.DataFrame, categories: dict[str, list[str]], features: list[str] | None = None
+) -> pd.DataFrame:
     """Replace categoricals by their code in the manifest's category list (unknown or missing -> NaN).
 
+    The categorical columns are the keys of ``categories``; every other column
+    of ``features`` (default: of the frame) is numeric and becomes float32.
     Integer codes with ``feature_types="c"`` keep XGBoost's native categorical
     splits without asking every Dask worker to infer categories from its own
     partitions (which fails on a worker that holds none).
     """
     out = frame.copy()
-    for col in CATEGORICAL:
-        if col in out.columns and col in categories:
+    for col, levels in categories.items():
+        if col in out.columns:
             values = out[col].astype("string")
-            values = values.where(values.isin(categories[col]))  # unseen -> NA, as before
-            codes = pd.Categorical(values, categories=categories[col]).codes
+            values = values.where(values.isin(levels))  # unseen -> NA, as before
+            codes = pd.Categorical(values, categories=levels).codes
             out[col] = np.where(codes < 0, np.nan, codes).astype("float32")
     # Numeric features as float32: what XGBoost computes in anyway, half the worker memory of float64.
-    for col in FEATURES:
-        if col in out.columns and col not in CATEGORICAL and out[col].dtype != "float32":
+    for col in out.columns if features is None else features:
+        if col in out.columns and col not in categories and out[col].dtype != "float32":
             out[col] = pd.to_numeric(out[col], errors="coerce").astype("float32")
     return out
 
 
-def categorize(frame: dd.DataFrame | pd.DataFrame, categories: dict[str, list[str]]):
-    """Encode categoricals of a dask or pandas frame with the recorded categories."""
+def categorize(
+    frame: dd.DataFrame | pd.DataFrame, categories: dict[str, list[str]], features: list[str] | None = None
+):
+    """Encode categoricals of a dask or pandas frame with the recorded categories (see :func:`encode`)."""
     if isinstance(frame, pd.DataFrame):
-        return encode(frame, categories)
-    return frame.map_partitions(encode, categories, meta=encode(frame._meta, categories))
+        return encode(frame, categories, features)
+    return frame.map_partitions(encode, categories, features, meta=encode(frame._meta, categories, features))
 
 
 def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
@@ -187,55 +266,92 @@ def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
     worker anyway and ``xgboost.dask`` persists it once, which is what kept
     100M rows in memory here (benchmarks/README.md).
     """
-    lengths = frame.map_partitions(len).compute().tolist()
-    rows = int(sum(lengths))
-    non_empty = [i for i, n in enumerate(lengths) if n]
-    if not non_empty:
-        return frame, 0
-    frame = frame.partitions[non_empty]
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if len(non_empty) >= SPREAD_LAZY_FACTOR * len(workers):
-        return frame, rows
-    if len(non_empty) < len(workers) and rows >= len(workers):
-        frame = frame.repartition(npartitions=len(workers))
-    placed = [
-        client.compute(part, workers=[workers[i % len(workers)]]) for i, part in enumerate(frame.to_delayed())
-    ]
+    # One partition per stored part, counted and indexed on the optimised frame: dask's planner fuses
+    # parts smaller than its minimum size when it optimises, and indexing the partitions of the frame
+    # as read then picked the wrong ones (seen: an empty validation slice, training stopped at round 0).
+    with dask.config.set({"dataframe.parquet.minimum-partition-size": 1}):
+        frame = frame.optimize()
+        lengths = frame.map_partitions(len).compute().tolist()
+        rows = int(sum(lengths))
+        non_empty = [i for i, n in enumerate(lengths) if n]
+        if not non_empty:
+            return frame, 0
+        frame = frame.partitions[non_empty]
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        if len(non_empty) >= SPREAD_LAZY_FACTOR * len(workers):
+            return frame, rows
+        if len(non_empty) < len(workers) and rows >= len(workers):
+            frame = frame.repartition(npartitions=len(workers))
+        placed = [
+            client.compute(part, workers=[workers[i % len(workers)]])
+            for i, part in enumerate(frame.to_delayed())
+        ]
     return dd.from_delayed(placed, meta=frame._meta, verify_meta=False), rows
 
 
-def feature_types(features: list[str]) -> list[str]:
-    return ["c" if f in CATEGORICAL else "q" for f in features]
+def feature_types(features: list[str], categorical: Any = ()) -> list[str]:
+    """XGBoost's type per feature: ``c`` for the categorical ones (coded by :func:`encode`), else ``q``."""
+    return ["c" if f in categorical else "q" for f in features]
+
+
+def _cutoff(dtype: Any, value: Any) -> Any:
+    """A split boundary comparable with a time column of ``dtype`` (tz-aware, naive, or a number)."""
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        ts = pd.Timestamp(value)
+        tz = getattr(dtype, "tz", None)
+        if tz is None:
+            return ts.tz_convert(None) if ts.tzinfo is not None else ts
+        return ts.tz_localize(tz) if ts.tzinfo is None else ts.tz_convert(tz)
+    if pd.api.types.is_numeric_dtype(dtype):
+        return float(value)
+    return value
+
+
+def split_mask(frame: dd.DataFrame, split: SplitParams, part: Literal["train", "valid", "holdout"]) -> Any:
+    """Which rows of ``frame`` are in ``part``: by ``split.time_key`` cut-offs or by the ``_fold`` column."""
+    if split.kind == "ratio":
+        fold, cut = frame[FOLD], split.train + split.valid
+        return {
+            "train": fold < split.train,
+            "valid": (fold >= split.train) & (fold < cut),
+            "holdout": fold >= cut,
+        }[part]
+    when = frame[split.time_key]
+    t_end, v_end = _cutoff(when.dtype, split.train_end), _cutoff(when.dtype, split.valid_end)
+    return {"train": when < t_end, "valid": (when >= t_end) & (when < v_end), "holdout": when >= v_end}[part]
 
 
 def load_split(
     store: Store,
     silver_url: str,
-    split: SplitParams,
+    split: SplitParams | None,
     part: Literal["train", "valid", "holdout"],
     columns: list[str],
     encode: bool = True,
+    schema: SilverSchema | None = None,
 ) -> dd.DataFrame:
-    """One time slice of the silver data; categoricals encoded with the dataset's categories unless
-    ``encode=False``."""
-    manifest = open_manifest(store, silver_url)
-    frame = read_dataset(store, silver_url, columns=[TIME_KEY, *columns])
-    t_end = pd.Timestamp(split.train_end, tz="UTC")
-    v_end = pd.Timestamp(split.valid_end, tz="UTC")
-    when = frame[TIME_KEY]
-    mask = {"train": when < t_end, "valid": (when >= t_end) & (when < v_end), "holdout": when >= v_end}[part]
-    frame = frame[mask][columns]
-    return categorize(frame, manifest.extra["categories"]) if encode else frame
+    """One slice of the silver data (``split``, default the schema's); categoricals encoded with the
+    dataset's categories unless ``encode=False``."""
+    schema = schema or silver_schema(store, silver_url)
+    split = split or schema.split_params()
+    key = FOLD if split.kind == "ratio" else split.time_key
+    frame = read_dataset(store, silver_url, columns=list(dict.fromkeys([key, *columns])))
+    frame = frame[split_mask(frame, split, part)][columns]
+    return categorize(frame, schema.categories, schema.features) if encode else frame
 
 
-def xgb_params(params: TrainParams, device: str) -> dict[str, Any]:
+def xgb_params(params: TrainParams, device: str, target: Target = Target()) -> dict[str, Any]:
+    """The booster's parameters: the task's objective and validation metrics, then the family's settings."""
+    objective, metrics = OBJECTIVES[target.task]
     common = {
-        "objective": "binary:logistic",
-        "eval_metric": ["logloss", "auc"],
+        "objective": objective,
+        "eval_metric": list(metrics),
         "tree_method": "hist",
         "device": device,
         "seed": params.seed,
     }
+    if target.task == "multiclass":
+        common["num_class"] = target.num_class
     if params.family == "random_forest":
         rf = params.random_forest
         return common | {
@@ -267,15 +383,32 @@ class Fitted:
     raw: bytes
     model_file: str
     best_iteration: int
-    valid_logloss: float
-    valid_auc: float
+    # At the kept round, by XGBoost's names (auc, logloss, mlogloss, rmse, ...).
+    valid_metrics: dict[str, float]
     settings: dict[str, Any]  # the booster params, or the linear model's
+
+    @property
+    def valid_logloss(self) -> float:
+        return self.valid_metrics.get("logloss", self.valid_metrics.get("mlogloss", math.nan))
+
+    @property
+    def valid_auc(self) -> float:
+        return self.valid_metrics.get("auc", math.nan)
 
 
 def resolve_device(client: Any, device: str) -> str:
     if device == "auto":
         return "cuda" if workers_have_gpus(client) else "cpu"
     return device
+
+
+def check_family(family: str, task: str) -> None:
+    """The linear model is a logistic regression: binary only."""
+    if family == "linear" and task != "binary":
+        raise ValueError(
+            f"model family 'linear' (logistic regression) is binary-only; this pipeline's task is {task!r}: "
+            "use 'gbtree' or 'random_forest'"
+        )
 
 
 def fit(
@@ -286,8 +419,9 @@ def fit(
     params: TrainParams,
     device: str,
     workers: list[str] | None = None,
+    target: Target = Target(),
 ) -> Fitted:
-    """Fit ``params.family`` on the train frame, stopping early on the valid frame.
+    """Fit ``params.family`` for ``target`` on the train frame, stopping early on the valid frame.
 
     Trees train with ``xgboost.dask`` on the workers that hold the partitions
     (all of them after :func:`spread`). Given one worker (a search slot, after
@@ -295,27 +429,28 @@ def fit(
     nothing of the candidate can land on another slot. The linear model's
     map-reduce runs where its partitions are, restricted to ``workers``.
     """
+    check_family(params.family, target.task)
     if params.family == "linear":
-        return _fit_linear(client, frames, features, categories, params, workers)
+        return _fit_linear(client, frames, features, categories, params, workers, target.label)
     if workers is not None and len(workers) == 1:
-        return _fit_booster_on(client, workers[0], frames, features, params, device)
-    types = feature_types(features)
+        return _fit_booster_on(client, workers[0], frames, features, categories, params, device, target)
+    types = feature_types(features, categories)
     dtrain = xgb.dask.DaskQuantileDMatrix(
         client,
         frames["train"][features],
-        frames["train"][LABEL],
+        frames["train"][target.label],
         feature_types=types,
         enable_categorical=True,
     )
     dvalid = xgb.dask.DaskQuantileDMatrix(
         client,
         frames["valid"][features],
-        frames["valid"][LABEL],
+        frames["valid"][target.label],
         feature_types=types,
         enable_categorical=True,
         ref=dtrain,
     )
-    booster_params = xgb_params(params, device)
+    booster_params = xgb_params(params, device, target)
     forest = params.family == "random_forest"
     output = xgb.dask.train(
         client,
@@ -336,8 +471,7 @@ def fit(
         bytes(booster.save_raw(raw_format="ubj")),
         MODEL_FILE,
         best,
-        float(history["logloss"][best]),
-        float(history["auc"][best]),
+        {m: float(history[m][best]) for m in booster_params["eval_metric"]},
         booster_params,
     )
 
@@ -346,26 +480,28 @@ def _booster_on_worker(
     train_parts: list[pd.DataFrame],
     valid_parts: list[pd.DataFrame],
     features: list[str],
+    categorical: list[str],
+    label: str,
     booster_params: dict[str, Any],
     rounds: int,
     early_stopping: int | None,
-) -> tuple[bytes, int, float, float]:
+) -> tuple[bytes, int, dict[str, float]]:
     """Train one booster inside a Dask task with the worker's threads (one search candidate on its slot)."""
     from distributed import get_worker
 
-    types = feature_types(features)
+    types = feature_types(features, categorical)
     train_frame, valid_frame = pd.concat(train_parts), pd.concat(valid_parts)
     nthread = get_worker().state.nthreads
     dtrain = xgb.QuantileDMatrix(
         train_frame[features],
-        train_frame[LABEL],
+        train_frame[label],
         feature_types=types,
         enable_categorical=True,
         nthread=nthread,
     )
     dvalid = xgb.QuantileDMatrix(
         valid_frame[features],
-        valid_frame[LABEL],
+        valid_frame[label],
         feature_types=types,
         enable_categorical=True,
         nthread=nthread,
@@ -384,12 +520,8 @@ def _booster_on_worker(
     best = int(booster.best_iteration) if early_stopping else 0
     if early_stopping:
         booster = booster[: best + 1]
-    return (
-        bytes(booster.save_raw(raw_format="ubj")),
-        best,
-        float(history["valid"]["logloss"][best]),
-        float(history["valid"]["auc"][best]),
-    )
+    metrics = {m: float(history["valid"][m][best]) for m in booster_params["eval_metric"]}
+    return bytes(booster.save_raw(raw_format="ubj")), best, metrics
 
 
 def _fit_booster_on(
@@ -397,19 +529,23 @@ def _fit_booster_on(
     worker: str,
     frames: dict[str, dd.DataFrame],
     features: list[str],
+    categories: dict[str, list[str]],
     params: TrainParams,
     device: str,
+    target: Target,
 ) -> Fitted:
-    booster_params = xgb_params(params, device)
+    booster_params = xgb_params(params, device, target)
     forest = params.family == "random_forest"
     where = {"workers": [worker], "allow_other_workers": False}
     parts = {p: client.compute(f.to_delayed(), **where) for p, f in frames.items()}
     try:
-        raw, best, logloss, auc = client.submit(
+        raw, best, metrics = client.submit(
             _booster_on_worker,
             parts["train"],
             parts["valid"],
             features,
+            list(categories),
+            target.label,
             booster_params,
             1 if forest else params.num_boost_round,
             None if forest else params.early_stopping_rounds,
@@ -420,7 +556,7 @@ def _fit_booster_on(
         for futures in parts.values():
             for f in futures:
                 f.release()
-    return Fitted(load_raw(raw), raw, MODEL_FILE, best, logloss, auc, booster_params)
+    return Fitted(load_raw(raw), raw, MODEL_FILE, best, metrics, booster_params)
 
 
 def _fit_linear(
@@ -430,27 +566,29 @@ def _fit_linear(
     categories: dict[str, list[str]],
     params: TrainParams,
     workers: list[str] | None,
+    label: str,
 ) -> Fitted:
     from sklearn.metrics import roc_auc_score
 
     where = {"workers": workers, "allow_other_workers": False} if workers else {}
-    parts = {p: client.compute(f[[*features, LABEL]].to_delayed(), **where) for p, f in frames.items()}
+    parts = {p: client.compute(f[[*features, label]].to_delayed(), **where) for p, f in frames.items()}
+    categorical = [c for c in features if c in categories]
     try:
         result = fit_linear(
             client,
             parts["train"],
             parts["valid"],
             features,
-            [c for c in CATEGORICAL if c in features],
-            {c: len(categories[c]) for c in CATEGORICAL if c in features},
-            LABEL,
+            categorical,
+            {c: len(categories[c]) for c in categorical},
+            label,
             params.linear,
             workers,
         )
         scored = client.gather(
             [
                 client.submit(
-                    lambda part, m: (m.inplace_predict(part), part[LABEL].to_numpy()),
+                    lambda part, m: (m.inplace_predict(part), part[label].to_numpy()),
                     p,
                     result.model,
                     pure=False,
@@ -471,10 +609,14 @@ def _fit_linear(
         result.model.to_bytes(),
         LINEAR_FILE,
         result.best_iteration,
-        result.valid_logloss,
-        auc,
+        {"logloss": result.valid_logloss, "auc": auc},
         asdict(params.linear) | {"iterations": result.iterations},
     )
+
+
+def resolve_split(store: Store, cleaned: CleanResult, split: SplitParams | None) -> SplitParams:
+    """The split asked for, else the one the spec declared (in the silver manifest)."""
+    return split or silver_schema(store, cleaned.silver.url).split_params()
 
 
 def model_version(cleaned: CleanResult, params: TrainParams, split: SplitParams) -> str:
@@ -488,13 +630,18 @@ def load_frames(
     store: Store, client: Any, cleaned: CleanResult, split: SplitParams, place_on: str | None = None
 ) -> tuple[dict[str, dd.DataFrame], dict[str, int]]:
     """Train and valid slices, persisted: spread over every worker, or all on ``place_on``."""
+    schema = silver_schema(store, cleaned.silver.url)
     frames, rows = {}, {}
     for p in ("train", "valid"):
-        frame = load_split(store, cleaned.silver.url, split, p, [*cleaned.features, LABEL])
+        frame = load_split(
+            store, cleaned.silver.url, split, p, [*schema.features, schema.label], schema=schema
+        )
         frames[p], rows[p] = place(client, frame, place_on) if place_on else spread(client, frame)
     for p, n in rows.items():
         if n == 0:
-            raise ValueError(f"{cleaned.silver.url}: the {p} slice of the time split {split} is empty")
+            raise ValueError(
+                f"{cleaned.silver.url}: the {p} slice of the {split.kind} split {split} is empty"
+            )
     return frames, rows
 
 
@@ -520,6 +667,7 @@ def write_model(
     search: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Commit a fitted model: the artifact first, ``train.json`` last (it marks the version complete)."""
+    schema = silver_schema(store, cleaned.silver.url)
     version = model_version(cleaned, params, split)
     model_url = store.model_url(model, version)
     write_bytes_atomic(store, posixpath.join(model_url, fitted.model_file), fitted.raw)
@@ -533,8 +681,8 @@ def write_model(
         train_rows=rows["train"],
         valid_rows=rows["valid"],
         device=device,
-        features=list(cleaned.features),
-        categories=cleaned.categories,
+        features=list(schema.features),
+        categories=schema.categories,
         seconds=round(seconds, 3),
         xgb_params=fitted.settings,
         split=asdict(split),
@@ -545,6 +693,10 @@ def write_model(
         hyperparameters=params.identity(),
         model_file=fitted.model_file,
         search=search or {},
+        label=schema.label,
+        task=schema.task,
+        classes=list(schema.classes),
+        valid_metrics=dict(fitted.valid_metrics),
     )
     write_json_atomic(store, posixpath.join(model_url, TRAIN_INFO), asdict(result))
     return result
@@ -564,16 +716,20 @@ def train(
     cleaned: CleanResult,
     client: Any,
     params: TrainParams = TrainParams(),
-    split: SplitParams = SplitParams(),
+    split: SplitParams | None = None,
     model: str = "flights_late",
 ) -> TrainResult:
+    """Train (or find already trained) ``params`` on the silver data; ``split`` defaults to the spec's."""
+    schema = silver_schema(store, cleaned.silver.url)
+    check_family(params.family, schema.task)
+    split = split or schema.split_params()
     device = resolve_device(client, params.device)
     done = committed_model(store, store.model_url(model, model_version(cleaned, params, split)))
     if done is not None:
         return dataclasses.replace(done, reused=True)
     started = time.perf_counter()
     frames, rows = load_frames(store, client, cleaned, split)
-    fitted = fit(client, frames, cleaned.features, cleaned.categories, params, device)
+    fitted = fit(client, frames, schema.features, schema.categories, params, device, target=Target.of(schema))
     return write_model(
         store, cleaned, params, split, model, device, fitted, rows, time.perf_counter() - started
     )
@@ -600,7 +756,11 @@ def load_booster(store: Store, model_url: str) -> Any:
 
 
 def predict_dask(client: Any, model: Any, frame: dd.DataFrame) -> dd.Series:
-    """Probabilities for an encoded dask frame of the model's features, partition by partition."""
+    """Predictions for an encoded dask frame of the model's features, partition by partition.
+
+    Binary: the positive class's probability (a Series); multiclass: one
+    probability column per class code (a DataFrame); regression: the values.
+    """
     if isinstance(model, xgb.Booster):
         return xgb.dask.inplace_predict(client, model, frame)
     return frame.map_partitions(

@@ -13,6 +13,19 @@ from conveyor.tasks.ingest import packaged_source_url
 from tests.support import SAMPLE_ROWS
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The operator settings of a test run (conveyor.operator): roots under the temp dir and the moto
+    bucket are allowed. In os.environ, so the subprocesses the tests start inherit them."""
+    import os
+    import tempfile
+
+    from tests.support import REPO_ROOT
+
+    roots = f"{REPO_ROOT / 'data'},{os.path.realpath(tempfile.gettempdir())},s3://conveyor-test"
+    for kind in ("STORAGE", "SOURCE", "REPLICA"):
+        os.environ.setdefault(f"CONVEYOR_ALLOWED_{kind}_PREFIXES", roots)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from conveyor.resources import gpu_count
 
@@ -27,10 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def dask_client():
     """Two worker processes, one thread each: the shape of the CI machine."""
+    import os
+
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0")
     client = Client(cluster)
+    os.environ.setdefault("CONVEYOR_ALLOWED_SCHEDULERS", cluster.scheduler_address)  # flows may use it
     try:
         yield client
     finally:
@@ -39,15 +55,28 @@ def dask_client():
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """A real Prefect API (a temporary server process) for the session; prefect-dask's pattern.
-
-    The one definition: every test module that needs the API asks for this fixture.
-    """
+def _prefect_server():
+    """A real Prefect API (a temporary server process) for the session; prefect-dask's pattern."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def prefect_api(_prefect_server):
+    """The session's Prefect API, with this process's event and log workers started afresh for the test.
+
+    The one definition: every test that needs the API asks for this fixture. prefect 3.8 keeps one
+    EventsWorker per process, keyed without the API URL, and it sends to the first server it saw:
+    drained here before the test (one left by a test that used another server) and after (this
+    test's events reach this API before the next test reads its own).
+    """
+    from conveyor.prefect_api import drain_prefect
+
+    drain_prefect()
+    yield
+    drain_prefect()
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,35 @@ def source_with(base: Path, dest: Path, flights: pd.DataFrame) -> Path:
     return dest
 
 
+def allow_roots(monkeypatch, *roots: object, schedulers: tuple[str, ...] = ()) -> dict[str, str]:
+    """What the operator allows (conveyor/operator.py) for the roots a test names in parameters: storage,
+    source (plus the packaged flights) and replica prefixes, and scheduler addresses. Set in this
+    process's environment; returned for a subprocess's."""
+    from conveyor.tasks.ingest import packaged_source_url
+
+    prefixes = ",".join(str(r) for r in roots)
+    env = {
+        "CONVEYOR_ALLOWED_STORAGE_PREFIXES": prefixes,
+        "CONVEYOR_ALLOWED_SOURCE_PREFIXES": f"{prefixes},{packaged_source_url()}",
+        "CONVEYOR_ALLOWED_REPLICA_PREFIXES": prefixes,
+    }
+    if schedulers:
+        env["CONVEYOR_ALLOWED_SCHEDULERS"] = ",".join(schedulers)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def file_stamps(folder: Path | str) -> dict[str, tuple[int, int]]:
+    """Every file under a local ``folder`` with its (inode, mtime_ns): a rewrite or a new file shows."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def wait_for(condition, what: str, timeout: float = WAIT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,16 +10,18 @@ handlers import heavy modules themselves so ``conveyor --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
+from conveyor.cli import models, ops, runs, specs, storage
 
-from conveyor.cli import models, ops, runs, storage
+DEBUG_ENV = "CONVEYOR_DEBUG"  # conveyor.quiet.DEBUG_ENV, spelled here so `conveyor --help` imports little
 
 # The command table: module -> the commands it adds.
 COMMAND_GROUPS = (
     (runs, "run, score, monitor: flows on a Dask cluster, recorded by Prefect"),
+    (specs, "check-spec, init: pipeline specs"),
     (models, "models, promote, rollback, serve: the registry and the HTTP API"),
     (storage, "verify, gc, backup, restore: the storage root"),
     (ops, "automations, serve-local: operations"),
@@ -35,18 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (bad input, spec or parameters) prints one line and a hint; a bug
+    prints its traceback too; ``--debug`` raises everything and turns conveyor.quiet's filters off."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    saved = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # read by conveyor.quiet here, in flow runs and on Dask workers
     try:
         return args.handler(args)
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"conveyor: invalid parameters: {errors}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("conveyor: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if getattr(args, "debug", False):
+        if debug:
             raise
-        print(f"conveyor: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        from conveyor.quiet import report
+
+        return report(exc)
+    finally:
+        if debug and saved is None:
+            del os.environ[DEBUG_ENV]
+        elif debug:
+            os.environ[DEBUG_ENV] = saved

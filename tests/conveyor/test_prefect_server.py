@@ -58,6 +58,8 @@ def test_every_deployment_registers_with_schedule_pool_and_form(server) -> None:
         "on-new-data",
         "watch-landing",
         "batch-scoring",
+        "watch-scoring",
+        "score-new-data",
         "monitor-hourly",
     }
     nightly = deployments["nightly"].schedules[0].schedule
@@ -71,7 +73,11 @@ def test_every_deployment_registers_with_schedule_pool_and_form(server) -> None:
 
     form = deployments["on-demand"].parameter_openapi_schema
     fields = form["definitions"]["PipelineParams"]["properties"]
-    assert fields["storage_url"]["title"] == "Storage root URL" and fields["storage_url"]["description"]
+    assert (
+        fields["storage_url"]["title"] == "Data · Storage root URL" and fields["storage_url"]["description"]
+    )
+    spec_choices = [c.get("enum") for c in fields["spec"].get("anyOf", []) if c.get("enum")]
+    assert spec_choices and {"flights", "county_murders"} <= set(spec_choices[0])  # the shipped-spec dropdown
     cluster_choices = [
         c.get("enum") for c in fields["cluster"].get("anyOf", [fields["cluster"]]) if c.get("enum")
     ]
@@ -118,7 +124,7 @@ def test_the_landed_event_starts_the_event_driven_deployment(server, tmp_path: P
     from prefect.events.clients import PrefectEventsClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    landed = (tmp_path / "landing").as_uri()
+    landed = "data/landing/2013-12"  # the trigger only takes events about the landing folder
     target = _deployment(server, "on-new-data")
 
     async def emit():

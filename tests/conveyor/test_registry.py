@@ -299,8 +299,11 @@ def test_guard_metric_regression_refuses_a_challenger(pipeline_run) -> None:
         GateParams(guards={"auc": 0.1})
 
 
-def test_concurrent_deploys_promote_exactly_one(tmp_path, pipeline_run, dask_client) -> None:
-    """Two runs that both pass the gate against the same champion: one promotes, the other is told it lost."""
+def test_concurrent_deploys_promote_exactly_one(tmp_path, pipeline_run, dask_client, monkeypatch) -> None:
+    """Two runs that both pass the gate against the same champion, their compare-and-swaps overlapping:
+    both read the champion before either writes, one promotes, the other is told it lost."""
+    import conveyor.store.registry as registry
+
     alt, alt_eval = variant(pipeline_run, dask_client, "alt")
     champion = pipeline_run.trained.version
     store = fresh_store(tmp_path / "s", pipeline_run, champion, alt.version)
@@ -312,20 +315,35 @@ def test_concurrent_deploys_promote_exactly_one(tmp_path, pipeline_run, dask_cli
             metrics=dataclasses.replace(alt_eval.metrics, roc_auc=alt_eval.metrics.roc_auc - 0.01),
         ),
     )
+    # The overlap, made certain: set_alias's read of the current pointer returns in both threads only
+    # once both have read it, so both build event #2 on top of the same champion.
+    both_read = threading.Barrier(2, timeout=60)
+    real_read_alias = registry.read_alias
+
+    def read_then_wait(*args, **kwargs):
+        current = real_read_alias(*args, **kwargs)
+        both_read.wait()
+        return current
+
+    monkeypatch.setattr(registry, "read_alias", read_then_wait)
     # The same challenger twice stands in for two runs racing with equally good models.
-    barrier = threading.Barrier(2)
-    results = []
+    results, errors = [], []
 
     def run() -> None:
-        barrier.wait()
-        results.append(deploy_stage.deploy(store, pipeline_run.cleaned, local, passing, GateParams()))
+        try:
+            results.append(deploy_stage.deploy(store, pipeline_run.cleaned, local, passing, GateParams()))
+        except Exception as exc:  # a broken barrier lands here: the test fails below
+            errors.append(repr(exc))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert errors == []
     assert sorted(r.promoted for r in results) == [False, True]
     loser = next(r for r in results if not r.promoted)
-    assert "concurrent" in loser.reason or "already the champion" in loser.reason
+    assert loser.champion_before == champion  # it had passed the gate against the same champion ...
+    assert loser.reason.startswith("lost a concurrent promotion")  # ... and lost the swap itself
+    assert "at the same moment (event 2 already exists)" in loser.reason
     assert [e.version for e in alias_history(store, MODEL)] == [champion, alt.version]
 
 

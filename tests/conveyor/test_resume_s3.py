@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -46,36 +43,3 @@ def test_flow_on_s3_matches_the_local_run(prefect_api, pipeline_run, s3_options,
     again = training(params)
     assert again.reused == ["ingest", "clean", "train"]
     assert again.model_version == summary.model_version
-
-
-@pytest.mark.slow
-def test_run_killed_during_train_resumes_from_train(prefect_api, tmp_path, dask_client) -> None:
-    """SIGKILL inside xgboost training; the rerun reuses ingest and clean and trains once."""
-    from conveyor.flows.training import training
-
-    storage = (tmp_path / "store").as_uri()
-    script = textwrap.dedent(f"""
-        import os, signal
-        import xgboost.dask
-        from distributed import Client
-        from conveyor.tasks import clean, ingest, train
-        from conveyor.store.storage import Store
-        def die(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGKILL)
-        xgboost.dask.train = die
-        if __name__ == "__main__":
-            store = Store.from_url({storage!r})
-            with Client({dask_client.scheduler.address!r}) as client:
-                ingested = ingest.ingest(store, client, None, ingest.IngestParams(max_rows=20_000))
-                cleaned = clean.clean(store, ingested, client)
-                train.train(store, cleaned, client)
-    """)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert not list((tmp_path / "store" / "models").glob("*/*/train.json"))  # no model looks finished
-
-    summary = training(PipelineParams(storage_url=storage, max_rows=20_000, cluster="cpu", n_workers=2))
-    assert summary.reused == ["ingest", "clean"]
-    assert (tmp_path / "store" / "models" / summary.model / summary.model_version / "train.json").exists()

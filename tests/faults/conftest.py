@@ -1,9 +1,20 @@
-"""Fault-injection suite plumbing: a tally of injected faults printed as one line, an S3 fault proxy, a
-receiver.
+"""Fault-injection suite plumbing: a tally computed from what was observed, an S3 fault proxy.
 
-Each fault test records what it injected and what it observed through the
-``faults`` fixture; the last line of the run (also with ``-q``) is
-``faults injected N, recovered N, rows lost 0, partial objects visible 0, alerts delivered N/N``.
+Each fault test declares the faults it injects through the ``faults`` fixture
+and records what it *observed*, before asserting anything: the evidence that
+the fault was hit (a proxy hit counter, a killed pid, a log line, a file's
+size), whether the promised recovery happened, rows written against rows read
+back from storage, and alert destinations tried against deliveries seen at
+the receiver. After every test the stores it registered are scanned: every
+dataset, quarantine and model version folder, for objects without a manifest
+(left for gc, invisible to readers) and for committed versions whose files do
+not match their manifest; those are read through the product's readers, and
+any the reader serves counts as a partial object visible. The observations
+count whether the test passed or not, so a broken recovery shows in the line
+printed at the end of the run (also with ``-q``)::
+
+    faults injected N (confirmed hit N), recovered N/N, rows lost 0 of N written,
+    partial objects visible 0 (N versions scanned: ...), alerts delivered N/N (...)
 """
 
 from __future__ import annotations
@@ -13,88 +24,41 @@ import json
 import re
 import threading
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-
-@dataclass
-class Tally:
-    injected: int = 0
-    recovered: int = 0  # recovered, or failed the clear way the design promises
-    rows_lost: int = 0
-    partial_visible: int = 0
-    alerts_sent: int = 0
-    alerts_delivered: int = 0
-    names: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        return (
-            f"faults injected {self.injected}, recovered {self.recovered}, rows lost {self.rows_lost}, "
-            f"partial objects visible {self.partial_visible}, "
-            f"alerts delivered {self.alerts_delivered}/{self.alerts_sent}"
-        )
-
+from tests.faults.tally import FaultLog, Tally
+from tests.support import allow_roots
 
 TALLY = Tally()
 
 
-class FaultLog:
-    """What one test injected and saw; added to the tally only when the test's checks passed."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.entry = Tally()
-
-    def injected(self, n: int = 1) -> None:
-        self.entry.injected += n
-
-    def recovered(self, n: int = 1) -> None:
-        self.entry.recovered += n
-
-    def rows_lost(self, n: int) -> None:
-        self.entry.rows_lost += n
-
-    def partial_visible(self, n: int) -> None:
-        self.entry.partial_visible += n
-
-    def alerts(self, sent: int, delivered: int) -> None:
-        self.entry.alerts_sent += sent
-        self.entry.alerts_delivered += delivered
+@pytest.fixture
+def faults():
+    """Request it last, after the fixtures whose stores it scans (it is torn down first)."""
+    fault_log = FaultLog()
+    yield fault_log
+    TALLY.add(fault_log.finish())  # observations count whether the test passed or not
 
 
 @pytest.fixture
-def faults(request):
-    log = FaultLog(request.node.name)
-    yield log
-    e = log.entry
-    # Injected faults count even when the test failed (so a failure shows as "not recovered").
-    TALLY.injected += e.injected
-    TALLY.names.append(log.name)
-    passed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.passed
-    if passed:
-        TALLY.recovered += e.recovered
-        TALLY.rows_lost += e.rows_lost
-        TALLY.partial_visible += e.partial_visible
-        TALLY.alerts_delivered += e.alerts_delivered
-    TALLY.alerts_sent += e.alerts_sent
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call":
-        item.rep_call = report
+def operator_allows(monkeypatch, tmp_path_factory, dask_client):
+    """The operator's allowances for what these tests name in flow parameters: pytest's temporary
+    folders and the test bucket, the session's scheduler."""
+    allow_roots(
+        monkeypatch,
+        tmp_path_factory.getbasetemp(),
+        "s3://conveyor-test",
+        schedulers=(dask_client.scheduler.address,),
+    )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if TALLY.names:
+    if TALLY.faults:
         terminalreporter.write_line(TALLY.line())
 
-
-# --- a real local HTTP receiver for alerts -------------------------------------------------
 
 # --- an S3 fault proxy in front of moto's server ---------------------------------------------
 

@@ -32,6 +32,11 @@ def test_deployment_entrypoint_and_parameters_validate(deployment: dict) -> None
         flow.validate_parameters(deployment["parameters"])
     if flow.name == "conveyor-training":
         PipelineParams(**deployment.get("parameters", {}).get("params", {}))
+    for trigger in deployment.get("triggers", []):  # what an event would start must validate too
+        filled = yaml.safe_load(
+            yaml.safe_dump(trigger["parameters"]).replace("{{ event.resource.id }}", "data/x")
+        )
+        flow.validate_parameters(filled)
 
 
 def test_triggers_and_schedules_name_their_timezone_and_event() -> None:
@@ -40,6 +45,13 @@ def test_triggers_and_schedules_name_their_timezone_and_event() -> None:
     trigger = deployments["on-new-data"]["triggers"][0]
     assert trigger["expect"] == ["conveyor.dataset.landed"]
     assert trigger["parameters"]["params"]["source_url"] == "{{ event.resource.id }}"
+    assert trigger["parameters"]["params"]["spec"] == "flights"  # the trigger names the spec it runs
+    scoring = deployments["score-new-data"]["triggers"][0]
+    assert scoring["expect"] == ["conveyor.scoring.landed"]
+    assert scoring["parameters"]["params"]["source_url"] == "{{ event.resource.id }}"
+    for trig in (trigger, scoring):  # only events about the landing folders start a run
+        assert trig["match"]["prefect.resource.id"].endswith("*")
+    assert deployments["watch-scoring"]["parameters"]["event"] == "conveyor.scoring.landed"
 
 
 ENV_FILES = sorted(
@@ -51,9 +63,25 @@ def test_dev_and_prod_parameter_files_exist() -> None:
     assert {p.name for p in ENV_FILES} >= {"dev.yaml", "prod.yaml"}
 
 
+OPERATOR = {  # what each environment's operator allows (comments in the files say the same)
+    "prod.yaml": {
+        "CONVEYOR_ALLOWED_STORAGE_PREFIXES": "s3://conveyor-prod",
+        "CONVEYOR_ALLOWED_SCHEDULERS": "tcp://dask-scheduler:8786",
+    },
+}
+
+
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda p: p.name)
-def test_environment_parameter_files_validate(env_file: Path) -> None:
+def test_environment_parameter_files_validate(env_file: Path, monkeypatch) -> None:
+    for name, value in OPERATOR.get(env_file.name, {}).items():
+        monkeypatch.setenv(name, value)
     PipelineParams(**yaml.safe_load(env_file.read_text())["params"])
+
+
+def test_prod_parameters_are_refused_without_the_operator_settings(monkeypatch) -> None:
+    monkeypatch.delenv("CONVEYOR_ALLOWED_SCHEDULERS", raising=False)
+    with pytest.raises(ValueError, match="not under an allowed prefix|not a configured scheduler"):
+        PipelineParams(**yaml.safe_load((ROOT / "deployments" / "prod.yaml").read_text())["params"])
 
 
 def test_the_run_form_is_generated_from_the_params_model() -> None:

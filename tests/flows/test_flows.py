@@ -8,10 +8,18 @@ import pandas as pd
 import pytest
 
 from conveyor.flows.params import PipelineParams
-from tests.support import source_with
+from tests.support import allow_roots, source_with, wait_for
+
+STAGES = ("ingest", "clean", "train", "evaluate", "deploy")
 
 
-def _task_runs(flow_run_id):
+@pytest.fixture(autouse=True)
+def _operator_allows_test_roots(monkeypatch, tmp_path_factory):
+    """The operator's allowances for the temporary stores, sources and replicas these runs name."""
+    allow_roots(monkeypatch, tmp_path_factory.getbasetemp())
+
+
+def _read_task_runs(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
@@ -25,6 +33,22 @@ def _task_runs(flow_run_id):
             )
 
     return asyncio.run(read())
+
+
+def _task_runs(flow_run_id, expect: set[str]):
+    """The flow run's task runs, once one per name prefix in ``expect`` is recorded, all in final states.
+
+    Task run states reach the API through a background worker, after the flow has returned:
+    read straight away, the last ones may be missing or still running.
+    """
+
+    def settled():
+        runs = _read_task_runs(flow_run_id)
+        final = [r for r in runs if r.state is not None and r.state.is_final()]
+        seen = all(any(r.name.startswith(prefix) for r in final) for prefix in expect)
+        return runs if seen and len(final) == len(runs) else None
+
+    return wait_for(settled, f"the task runs {sorted(expect)} of flow run {flow_run_id}")
 
 
 def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
@@ -50,7 +74,9 @@ def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
 
     assert summary.extra["replicas"][replica]["copied"] == 13  # 5 tables x 2 + silver x 2 + the model
     assert verify(Store.from_url(replica)).ok
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = _task_runs(
+        state.state_details.flow_run_id, {*STAGES, "monitor-data", "monitor-model", "replicate"}
+    )
     stages = sorted(r.name.split("-")[0] for r in runs if not r.name.startswith(("monitor-", "replicate")))
     assert stages == ["clean", "deploy", "evaluate", "ingest", "train"]
     monitors = sorted(r.name.rsplit("-", 1)[0] for r in runs if r.name.startswith("monitor-"))
@@ -108,7 +134,7 @@ def test_a_search_picks_a_winner_that_goes_through_the_gate(prefect_api, tmp_pat
     )
     report = (tmp_path / "store" / "models" / summary.model / summary.model_version / "report.md").read_text()
     assert "Search: 4 candidates" in report and "baseline" in report
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = _task_runs(state.state_details.flow_run_id, set(STAGES))
     assert [r.name.split("-")[0] for r in runs if r.name.startswith("train")] == ["train"]
 
 
@@ -126,7 +152,9 @@ def test_bad_input_fails_fast_with_the_field_named(prefect_api, tmp_path, small_
 
     assert state.is_failed()
     assert "field 'sched_dep_time'" in state.message or "sched_dep_time" in str(state.data)
-    ingest_runs = [r for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("ingest")]
+    ingest_runs = [
+        r for r in _task_runs(state.state_details.flow_run_id, {"ingest"}) if r.name.startswith("ingest")
+    ]
     assert len(ingest_runs) == 1 and ingest_runs[0].run_count == 1  # validation errors are not retried
 
 
@@ -136,4 +164,5 @@ def test_params_reject_bad_values() -> None:
     with pytest.raises(ValueError):
         PipelineParams(train_end="2013-13-01")
     with pytest.raises(ValueError, match="valid_end"):
-        PipelineParams(train_end="2013-10-01", valid_end="2013-09-01").split_params()
+        params = PipelineParams(train_end="2013-10-01", valid_end="2013-09-01")
+        params.split_params(params.load_spec())

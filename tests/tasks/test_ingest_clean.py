@@ -9,10 +9,13 @@ import pytest
 from conveyor.errors import InputError
 from conveyor.store.storage import Store, open_manifest, read_dataset_pandas
 from conveyor.tasks import clean, ingest
-from conveyor.tasks.clean import FEATURES, LABEL
 from conveyor.tasks.ingest import REASON, IngestParams
-from conveyor.tasks.schema import POST_DEPARTURE
-from tests.support import source_with
+from conveyor.tasks.spec import load_spec
+from tests.support import SAMPLE_ROWS, file_stamps, source_with
+
+FLIGHTS = load_spec("flights").spec
+FEATURES, LABEL = FLIGHTS.features.include, FLIGHTS.label.name
+POST_DEPARTURE = frozenset(FLIGHTS.features.forbidden)  # only known after the aircraft left the gate
 
 
 def _flights(source) -> pd.DataFrame:
@@ -108,9 +111,15 @@ def test_clean_accounts_for_every_row(pipeline_run) -> None:
 
 
 def test_rerun_finds_committed_versions(pipeline_run, dask_client) -> None:
-    from tests.support import SAMPLE_ROWS
+    store = pipeline_run.store
+    folders = [store.path(store.url(kind)) for kind in ("datasets", "quarantine")]
+    before = [file_stamps(f) for f in folders]
 
-    again = ingest.ingest(pipeline_run.store, dask_client, None, IngestParams(max_rows=SAMPLE_ROWS))
+    again = ingest.ingest(store, dask_client, None, IngestParams(max_rows=SAMPLE_ROWS))
     assert again.tables["flights"].bronze == pipeline_run.ingested.tables["flights"].bronze
-    same = clean.clean(pipeline_run.store, pipeline_run.ingested, dask_client)
+    assert again.reused and not pipeline_run.ingested.reused
+    same = clean.clean(store, pipeline_run.ingested, dask_client)
     assert same.silver == pipeline_run.cleaned.silver
+    assert same.reused and not pipeline_run.cleaned.reused
+    # Reused, not redone: no part or manifest was rewritten and none was added.
+    assert [file_stamps(f) for f in folders] == before

@@ -11,8 +11,10 @@ import pytest
 from conveyor.flows.params import MonitorOptions, PipelineParams
 from conveyor.store.storage import read_dataset
 from conveyor.tasks import monitor
-from conveyor.tasks.clean import LABEL
 from conveyor.tasks.monitor import Thresholds, check_data, check_model, profile_frame, psi
+from tests.support import wait_for
+
+LABEL = "is_late"  # the flights spec's label (pipelines/flights.yaml)
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +85,25 @@ def test_model_worse_than_champion_is_flagged() -> None:
 # --- the Prefect wiring: event, artifact, alert --------------------------------------------
 
 
+def _from_the_api(read, what: str):
+    """What the Prefect API holds, polled: events go through a background worker and the server's
+    event pipeline (drained first)."""
+    from conveyor.prefect_api import drain_prefect
+
+    drain_prefect()
+    return wait_for(read, what)
+
+
 def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(
     prefect_api, pipeline_run, dask_client, receiver, monkeypatch
 ) -> None:
+    import json
+    import uuid
+
     from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     from conveyor.flows.monitoring import BREACH_EVENT, monitor_data_task
 
@@ -95,27 +112,7 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(
     monkeypatch.setenv("CONVEYOR_ALERT_APPRISE", "")
     monkeypatch.delenv("CONVEYOR_STORAGE_OPTIONS", raising=False)
     strict = Thresholds(max_null_rate=0.1)  # pressure, plane_age, seats and engines are sparser than that
-
-    import conveyor.flows.monitoring
-
-    emitted = []
-    real_emit = conveyor.flows.monitoring.emit_event
-
-    def recording_emit(*args, **kwargs):  # the real emit_event; keep what it queued for the API
-        event = real_emit(*args, **kwargs)
-        emitted.append(event)
-        return event
-
-    monkeypatch.setattr(conveyor.flows.monitoring, "emit_event", recording_emit)
-    published = []
-    real_artifact = conveyor.flows.monitoring.create_table_artifact
-
-    def recording_artifact(**kwargs):  # the real create_table_artifact; keep the id the API returned
-        artifact_id = real_artifact(**kwargs)
-        published.append((artifact_id, kwargs))
-        return artifact_id
-
-    monkeypatch.setattr(conveyor.flows.monitoring, "create_table_artifact", recording_artifact)
+    run_tag = f"test-run-{uuid.uuid4().hex[:8]}"  # tells this test's event from any other's
 
     @flow
     def check():
@@ -126,25 +123,45 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(
             "flights_late",
             strict,
             600,
-            flow_run_id="test-run",
+            flow_run_id=run_tag,
         )
 
-    outcome = check()
-    from conveyor.prefect_api import drain_prefect
-
-    drain_prefect()  # events are sent by a background worker: flush it before looking for them
+    state = check(return_state=True)
+    outcome = state.result()
     assert {"null_rate:pressure", "null_rate:plane_age"} <= set(outcome.breaches)
     assert outcome.alerts_delivered == outcome.alerts_sent == 1
     [alert] = received
     assert alert["kind"] == "monitor.threshold" and "null_rate:pressure" in alert["details"]["breaches"]
 
-    [event] = [e for e in emitted if e is not None and e.event == BREACH_EVENT]
-    assert event.resource.id == f"conveyor.dataset.silver_flights.{pipeline_run.cleaned.silver.version}"
+    # What reached the API: the breach event ...
+    resource = f"conveyor.dataset.silver_flights.{pipeline_run.cleaned.silver.version}"
+    wanted = EventFilter(
+        event=EventNameFilter(name=[BREACH_EVENT]), resource=EventResourceFilter(id=[resource])
+    )
+
+    def breach_events():
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=wanted, limit=50).events
+        return [e for e in events if e.payload.get("flow_run_id") == run_tag]
+
+    [event] = _from_the_api(breach_events, f"the {BREACH_EVENT} event in the Prefect API")
     assert {b["check"] for b in event.payload["breaches"]} == set(outcome.breaches)
 
-    [(artifact_id, kwargs)] = published
-    assert artifact_id is not None  # the API accepted it
-    assert kwargs["key"] == "conveyor-monitor-silver-flights" and "breached" in kwargs["description"]
+    # ... and the table artifact of this flow run, with every check and the breached ones marked.
+    key = "conveyor-monitor-silver-flights"
+    artifacts_of_run = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+    )
+
+    def artifacts():
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(artifact_filter=artifacts_of_run)
+
+    [artifact] = _from_the_api(artifacts, f"the {key} artifact in the Prefect API")
+    assert artifact.type == "table" and "breached" in artifact.description
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert {r["name"] for r in rows if r["breached"]} == set(outcome.breaches)
     # The profile is stored: the next clean run compares its row count against this version.
     latest = monitor.latest_profile(pipeline_run.store, "silver_flights")
     assert latest is not None and latest.version == pipeline_run.cleaned.silver.version

@@ -14,6 +14,7 @@ from conveyor.store.storage import read_json
 from conveyor.tasks import deploy, train
 from conveyor.tasks.deploy import CHAMPION, GateParams, get_alias, set_alias
 from conveyor.tasks.evaluate import Metrics, best_f1_threshold, calibration_error, score
+from tests.support import file_stamps, fresh_store
 
 
 def test_model_beats_the_naive_baseline_on_the_time_holdout(pipeline_run) -> None:
@@ -44,11 +45,13 @@ def test_model_is_saved_as_ubj_never_pickle(pipeline_run) -> None:
 
 
 def test_rerun_of_train_reuses_the_committed_model(pipeline_run, dask_client) -> None:
-    again = train.train(
-        pipeline_run.store, pipeline_run.cleaned, dask_client, train.TrainParams(num_boost_round=200)
-    )
-    assert again.version == pipeline_run.trained.version
-    assert again.model_url == pipeline_run.trained.model_url
+    store, trained = pipeline_run.store, pipeline_run.trained
+    before = file_stamps(store.path(trained.model_url))
+    again = train.train(store, pipeline_run.cleaned, dask_client, train.TrainParams(num_boost_round=200))
+    assert again.version == trained.version and again.model_url == trained.model_url
+    assert again.reused and not trained.reused
+    # Nothing was trained or written again: the same files, never rewritten, none added.
+    assert file_stamps(store.path(trained.model_url)) == before
 
 
 def test_first_model_is_registered_and_promoted(pipeline_run) -> None:
@@ -91,7 +94,9 @@ def test_gate_refuses_a_model_no_better_than_the_baseline(pipeline_run) -> None:
 
 
 def test_alias_swap_keeps_history(tmp_path, pipeline_run) -> None:
-    store, deployed = pipeline_run.store, pipeline_run.deployed
+    deployed = pipeline_run.deployed
+    # A copy of the registered version: no test moves an alias of the session's shared store.
+    store = fresh_store(tmp_path / "store", pipeline_run, deployed.version)
     before = get_alias(store, deployed.model)
     set_alias(store, deployed.model, "challenger", deployed.version, "unit test")
     history = store.fs.glob(
