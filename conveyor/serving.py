@@ -284,15 +284,8 @@ def _value_errors(rows: Any, model: LoadedModel) -> list[Any]:
     return errors[:MAX_ERRORS]
 
 
-def parse_predict_body(
-    body: bytes, content_type: str | None, model: LoadedModel, max_bytes: int
-) -> list[dict[str, Any]]:
-    """The request's rows, validated against the model's schema; else :class:`Rejected` (413, 415, 422).
-
-    Pure and total over any bytes: the property tests feed it arbitrary input.
-    """
-    from conveyor.tasks.scoring import validate_rows
-
+def _decode_rows(body: bytes, content_type: str | None, max_bytes: int) -> Any:
+    """The ``rows`` of a JSON body, not yet checked; :class:`Rejected` for 415, 413 and undecodable JSON."""
     if not is_json(content_type):
         raise Rejected(415, "send the rows as application/json")
     if len(body) > max_bytes:
@@ -307,6 +300,19 @@ def parse_predict_body(
     if isinstance(rows, list) and len(rows) > MAX_ROWS:
         msg = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
         raise Rejected(422, _error(["body", "rows"], msg, "too_long"))
+    return rows
+
+
+def parse_predict_body(
+    body: bytes, content_type: str | None, model: LoadedModel, max_bytes: int
+) -> list[dict[str, Any]]:
+    """The request's rows, validated against the model's schema; else :class:`Rejected` (413, 415, 422).
+
+    Pure and total over any bytes: the property tests feed it arbitrary input.
+    """
+    from conveyor.tasks.scoring import validate_rows
+
+    rows = _decode_rows(body, content_type, max_bytes)
     errors = _value_errors(rows, model) or validate_rows(rows, model)
     if errors:
         raise Rejected(422, [e.detail() for e in errors])
@@ -315,22 +321,9 @@ def parse_predict_body(
 
 def parse_json_rows(body: bytes, content_type: str | None, max_bytes: int) -> list[Any]:
     """The ``rows`` list of a JSON body (413, 415 and 422 as :func:`parse_predict_body`), unvalidated."""
-    if not is_json(content_type):
-        raise Rejected(415, "send the rows as application/json")
-    if len(body) > max_bytes:
-        raise Rejected(413, f"the body is larger than {max_bytes} bytes")
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise Rejected(422, _error(["body"], "JSON is nested too deeply", "json_invalid")) from None
-    except ValueError:
-        raise Rejected(422, _error(["body"], "body is not valid JSON", "json_invalid")) from None
-    rows = data.get("rows") if isinstance(data, dict) else data
+    rows = _decode_rows(body, content_type, max_bytes)
     if not isinstance(rows, list) or not rows:
         raise Rejected(422, _error(["body", "rows"], "must be a non-empty list of records", "list_type"))
-    if len(rows) > MAX_ROWS:
-        msg = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
-        raise Rejected(422, _error(["body", "rows"], msg, "too_long"))
     return rows
 
 
