@@ -82,9 +82,12 @@ def _drive(call: Callable[[], None], clients: int, per_client: int) -> tuple[lis
     return [x for lat in latencies for x in lat], wall
 
 
+TOKEN = "benchmark-" + os.urandom(8).hex()
+
+
 def _start_server(storage_url: str, model: str, port: int) -> subprocess.Popen:
-    env = os.environ.copy() | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("CONVEYOR_SERVING_TOKEN", None)
+    # Serving is closed without a token: the benchmark serves with one of its own and sends it.
+    env = os.environ.copy() | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "CONVEYOR_SERVING_TOKEN": TOKEN}
     return subprocess.Popen(
         [
             sys.executable,
@@ -182,7 +185,9 @@ def run(
         def post(payload: dict[str, Any]) -> None:
             client = getattr(local, "client", None)
             if client is None:
-                client = local.client = httpx.Client(base_url=url, timeout=60)
+                client = local.client = httpx.Client(
+                    base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
+                )
             resp = client.post("/predict/features", json=payload)
             resp.raise_for_status()
 
