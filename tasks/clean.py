@@ -442,16 +442,21 @@ def clean(
     return _result(store, silver, q, main_in.rows)
 
 
+def quarantine_reasons(store: Store, quarantine: DatasetRef) -> dict[str, int]:
+    """How many rows a committed quarantine version holds per reason, most frequent first."""
+    if not quarantine.rows:
+        return {}
+    counts = read_dataset(store, quarantine.url, columns=[REASON])[REASON].value_counts().compute()
+    return {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
+
+
 def _result(store: Store, silver: DatasetRef, q: DatasetRef, rows_in: int) -> CleanResult:
     if rows_in != silver.rows + q.rows:
         raise StorageError(
             f"clean lost rows: {rows_in} in, {silver.rows} silver + {q.rows} quarantined "
             f"= {silver.rows + q.rows}"
         )
-    reasons: dict[str, int] = {}
-    if q.rows:
-        counts = read_dataset(store, q.url, columns=[REASON])[REASON].value_counts().compute()
-        reasons = {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
+    reasons = quarantine_reasons(store, q)
     schema = SilverSchema.from_extra(open_manifest(store, silver.url).extra)
     return CleanResult(
         silver=silver, quarantine=q, rows_in=rows_in, quarantine_reasons=reasons, schema=schema

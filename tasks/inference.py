@@ -15,7 +15,14 @@ from typing import Any
 import pandas as pd
 
 from conveyor.store.storage import Store, open_manifest
-from conveyor.tasks.clean import Lookups, features_of, lookups_from, prepare, reasons_for
+from conveyor.tasks.clean import (
+    Lookups,
+    features_of,
+    lookups_from,
+    prepare,
+    quarantine_reasons,
+    reasons_for,
+)
 from conveyor.tasks.ingest import REASON, type_partition
 from conveyor.tasks.schema import TableSchema
 from conveyor.tasks.spec import LoadedSpec, PipelineSpec, SilverSchema
@@ -191,10 +198,9 @@ def score_raw(
         commit_dataset,
         committed,
         content_version,
-        read_dataset,
     )
     from conveyor.tasks.ingest import _present_columns, _read_raw, find_table
-    from conveyor.tasks.scoring import _resolve, _result, card_target
+    from conveyor.tasks.scoring import _resolve, _result, card_target, predictions_extra
 
     options = source_options or {}
     loaded = _resolve(store, model, version, alias)
@@ -292,20 +298,10 @@ def score_raw(
             out_version,
             out_url,
             lineage,
-            extra={
-                "model": model,
-                "model_version": loaded.version,
-                "threshold": loaded.threshold,
-                "task": target.task,
-                "classes": list(target.classes),
-                "spec_version": featurizer.schema.spec_version,
-                "kept": keep,
-            },
+            extra=predictions_extra(model, loaded, target)
+            | {"spec_version": featurizer.schema.spec_version, "kept": keep},
         )
-    reasons: dict[str, int] = {}
-    if q_done.rows:
-        counts = read_dataset(store, q_done.url, columns=[REASON])[REASON].value_counts().compute()
-        reasons = {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
+    reasons = quarantine_reasons(store, q_done)
     result = _result(store, done, model, loaded.version, url, reused=reused, target=target)
     exported = export_predictions(store, done.url, export_url, options) if export_url else ""
     return dataclasses.replace(

@@ -368,15 +368,20 @@ def score_dataset(
         out_version,
         out_url,
         lineage,
-        extra={
-            "model": model,
-            "model_version": loaded.version,
-            "threshold": loaded.threshold,
-            "task": target.task,
-            "classes": list(target.classes),
-        },
+        extra=predictions_extra(model, loaded, target),
     )
     return _result(store, ref, model, loaded.version, input_url, reused=False, target=target)
+
+
+def predictions_extra(model: str, loaded: LoadedModel, target: Any) -> dict[str, Any]:
+    """What a predictions manifest says about the model that made it (batch and raw scoring alike)."""
+    return {
+        "model": model,
+        "model_version": loaded.version,
+        "threshold": loaded.threshold,
+        "task": target.task,
+        "classes": list(target.classes),
+    }
 
 
 def _result(

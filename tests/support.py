@@ -19,6 +19,23 @@ from conveyor.tasks import train as train_stage
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_ROWS = 60_000  # enough flights for a stable lift over the baseline, small enough to be quick
 MODEL = DEFAULT_MODEL
+# A raw, unlabelled flight as a client sends it to POST /predict (no arr_delay or other post-departure field).
+FLIGHT = {
+    "year": 2013,
+    "month": 11,
+    "day": 5,
+    "sched_dep_time": 1350,
+    "sched_arr_time": 1531,
+    "carrier": "EV",
+    "flight": 5465,
+    "tailnum": "N614QX",
+    "origin": "LGA",
+    "dest": "MSN",
+    "distance": 812,
+    "hour": 13,
+    "minute": 50,
+    "time_hour": "2013-11-05T18:00:00Z",
+}
 WAIT_S = 60.0  # how long to wait for a watcher to act; a bound for a hung test, not a timing assertion
 
 

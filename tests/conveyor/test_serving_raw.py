@@ -10,25 +10,9 @@ from conveyor.store.storage import Store
 from conveyor.tasks.inference import featurize_rows, featurizer_for_card
 from conveyor.tasks.loading import load_model
 from conveyor.tasks.scoring import encode_known, predict_frame
-from tests.support import MODEL, fresh_store
+from tests.support import FLIGHT, MODEL, fresh_store
 
 TOKEN = "test-token-not-a-secret"
-FLIGHT = {
-    "year": 2013,
-    "month": 11,
-    "day": 5,
-    "sched_dep_time": 1350,
-    "sched_arr_time": 1531,
-    "carrier": "EV",
-    "flight": 5465,
-    "tailnum": "N614QX",
-    "origin": "LGA",
-    "dest": "MSN",
-    "distance": 812,
-    "hour": 13,
-    "minute": 50,
-    "time_hour": "2013-11-05T18:00:00Z",
-}
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from conveyor.tasks.inference import featurize_rows, featurizer_for_card, score_
 from conveyor.tasks.loading import load_model
 from conveyor.tasks.scoring import PREDICTION, PROBABILITY, encode_known, predict_frame
 from conveyor.tasks.spec import load_spec
+from tests.support import FLIGHT
 
 SAMPLE = 300
 
@@ -123,22 +124,7 @@ def test_county_murders_raw_online_batch_and_evaluation_agree(tmp_path, county_r
 def test_unlabelled_rows_skip_label_rules_but_not_the_others(pipeline_run) -> None:
     model = load_model(pipeline_run.store, pipeline_run.trained.model, pipeline_run.trained.version)
     featurizer = featurizer_for_card(pipeline_run.store, model.card)
-    row = {
-        "year": 2013,
-        "month": 11,
-        "day": 5,
-        "sched_dep_time": 1350,
-        "sched_arr_time": 1531,
-        "carrier": "EV",
-        "flight": 5465,
-        "tailnum": "N614QX",
-        "origin": "LGA",
-        "dest": "MSN",
-        "distance": 812,
-        "hour": 13,
-        "minute": 50,
-        "time_hour": "2013-11-05T18:00:00Z",
-    }
+    row = dict(FLIGHT)
     features, problems = featurize_rows(featurizer, [row])  # no arr_delay: the label rule is skipped
     assert problems == [] and features["temp"].notna().all() and features["plane_age"].notna().all()
     _, problems = featurize_rows(featurizer, [dict(row, month=13), dict(row, carrier="ZZ"), row])
