@@ -29,26 +29,38 @@ class Launched:
     started_here: bool  # this call started the Prefect server (and stopped it unless kept)
 
 
-def with_prefect(run: Callable[[], Any], port: int = PREFECT_PORT, keep_server: bool = False) -> Launched:
+def with_prefect(
+    run: Callable[[], Any],
+    port: int = PREFECT_PORT,
+    keep_server: bool = False,
+    prepare: Callable[[], Any] | None = None,
+) -> Launched:
     """Call ``run`` (a flow) with one Prefect API exported for this process and its children.
 
-    Output is kept quiet (conveyor.quiet): a user error is logged without a traceback.
+    A server this call must start boots while ``prepare`` runs (imports, parameter checks: seconds of
+    work that need no API), and ``run`` starts once it answers. Output is kept quiet
+    (conveyor.quiet): a user error is logged without a traceback.
     """
     from conveyor import quiet
-    from conveyor.prefect_api import drain_prefect, ensure_api, export
+    from conveyor.prefect_api import drain_prefect, ensure_api, export, healthy
 
     quiet.install()
-    api = ensure_api(prefect_home(), port)
+    api = ensure_api(prefect_home(), port, wait=False)
     started_here = api.started is not None
     export(api)
     try:
-        result = run()
-    except Exception as exc:
-        quiet.mark_logged(exc)  # the flow engine logged it
-        raise
+        if prepare is not None:
+            prepare()  # a bad parameter fails here, before any flow run: reported by the caller
+        api.wait_ready()
+        try:
+            result = run()
+        except Exception as exc:
+            quiet.mark_logged(exc)  # the flow engine logged it
+            raise
     finally:
         if started_here and not keep_server:
-            drain_prefect()
+            if api.started is not None and api.started.poll() is None and healthy(api.url):
+                drain_prefect()
             api.stop()
     return Launched(result, api.ui_url, started_here)
 

@@ -113,7 +113,7 @@ def stage_options(stage: str, like: str) -> dict[str, Any]:
     """The policy of ``stage`` from conveyor/policy.py, or of the stage it resembles until it has its own."""
     if stage in POLICIES:
         return task_options(stage)
-    return task_options(like) | {"name": stage, "tags": ["conveyor", f"stage:{stage}"]}
+    return task_options(like) | {"name": stage}
 
 
 @task(**stage_options("score", like="evaluate"))

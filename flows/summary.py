@@ -108,7 +108,12 @@ class PipelineSummary:
             | ({"candidates": len(trained.search["leaderboard"])} if trained.search else {}),
             reused=[
                 stage
-                for stage, result in (("ingest", ingested), ("clean", cleaned), ("train", trained))
+                for stage, result in (
+                    ("ingest", ingested),
+                    ("clean", cleaned),
+                    ("train", trained),
+                    ("evaluate", evaluation),
+                )
                 if result.reused
             ],
         )

@@ -9,11 +9,13 @@ work; tasks pass small typed results (URLs, versions, counts), never dataframes.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from typing import Any
 
 from distributed import Client
+from fsspec.core import url_to_fs
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -21,6 +23,7 @@ from prefect.runtime import flow_run
 from conveyor import operator
 from conveyor.alerts import mark_stage, on_cancellation, on_crashed, on_failure
 from conveyor.cluster import dask_cluster, quiet_dask_logs
+from conveyor.cluster import resolve as resolve_cluster
 from conveyor.flows.monitoring import monitor_data_task, monitor_model_task
 from conveyor.flows.params import PipelineParams
 from conveyor.flows.summary import PipelineSummary
@@ -29,6 +32,7 @@ from conveyor.resources import dask_client, open_store, options_for
 from conveyor.tasks import clean as clean_stage
 from conveyor.tasks import deploy as deploy_stage
 from conveyor.tasks import evaluate as evaluate_stage
+from conveyor.tasks import evaluation_record, reference
 from conveyor.tasks import ingest as ingest_stage
 from conveyor.tasks import search as search_stage
 from conveyor.tasks import train as train_stage
@@ -39,6 +43,8 @@ from conveyor.tasks.ingest import IngestParams, IngestResult
 from conveyor.tasks.search import SearchParams
 from conveyor.tasks.spec import LoadedSpec, SplitParams
 from conveyor.tasks.train import TrainParams, TrainResult
+
+logger = logging.getLogger(__name__)
 
 # Each stage task runs its body through run_stage: a Dask client of its own, stopped at the stage's limit.
 
@@ -140,7 +146,13 @@ def _evaluate(
     champion = get_alias(store, trained.model)
     champion_version = champion["version"] if champion else None
     champion_url = store.model_url(trained.model, champion_version) if champion_version else None
-    return evaluate_stage.evaluate(store, cleaned, trained, client, split, champion_url, champion_version)
+    record = evaluation_record.record_url(cleaned, trained, split, champion_version)
+    done = evaluation_record.load(store, record)
+    if done is not None:
+        return done
+    result = evaluate_stage.evaluate(store, cleaned, trained, client, split, champion_url, champion_version)
+    evaluation_record.save(store, record, result)
+    return result
 
 
 @task(**task_options("evaluate"))
@@ -173,10 +185,33 @@ def deploy_task(
 ) -> DeployResult:
     return run_stage(
         "deploy",
-        lambda _: deploy_stage.deploy(open_store(storage_url), cleaned, trained, evaluation, gate),
+        lambda _: _deploy(open_store(storage_url), cleaned, trained, evaluation, gate),
         None,
         timeout_seconds,
     )
+
+
+def _deploy(
+    store: Any, cleaned: CleanResult, trained: TrainResult, evaluation: EvaluationResult, gate: GateParams
+) -> DeployResult:
+    """Deploy, judged also on the operator's reference holdout when one is pinned for this model and
+    there is a champion to compare with."""
+    ref = reference.pinned(trained.model)
+    champion = get_alias(store, trained.model)
+    scores = None
+    if ref is not None and champion is not None and champion["version"] != trained.version:
+        metric = deploy_stage.gate_metric(evaluation, gate)
+        champion_url = store.model_url(trained.model, champion["version"])
+        scores = reference.score_reference(store, ref, metric, trained.model_url, champion_url)
+        logger.info(
+            "reference holdout %s: challenger %s, champion %s (%s)%s",
+            ref,
+            scores.challenger,
+            scores.champion,
+            metric,
+            f"; {scores.note}" if scores.note else "",
+        )
+    return deploy_stage.deploy(store, cleaned, trained, evaluation, gate, scores)
 
 
 def cluster_has_gpus(address: str) -> bool:
@@ -235,7 +270,23 @@ def confine_spec(loaded: LoadedSpec, source_url: str | None) -> None:
             )
 
 
-def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
+def source_bytes(params: PipelineParams) -> int | None:
+    """Bytes stored in the run's source tables (None when they cannot be listed: ingest says why)."""
+    loaded = params.load_spec()
+    confine_spec(loaded, params.source_url)  # list only what this run may read
+    total = 0
+    try:
+        for alias in loaded.spec.sources:
+            options = options_for(params.source_url) if params.source_url else {}
+            url = ingest_stage.table_url(loaded, alias, params.source_url, options)
+            fs, path = url_to_fs(url, **options_for(url))
+            total += int(fs.du(path)) if fs.isdir(path) else int(fs.size(path))
+    except Exception:  # a missing or unreadable source fails in the ingest stage, with its own error
+        return None
+    return total
+
+
+def pipeline(params: PipelineParams, address: str, restart_workers: bool | None = None) -> PipelineSummary:
     """The stages, in order, on the Dask cluster at ``address``, each under its policy (conveyor.policy)."""
     logger = get_run_logger()
     url = open_store(params.storage_url).root
@@ -243,8 +294,10 @@ def pipeline(params: PipelineParams, address: str) -> PipelineSummary:
     confine_spec(spec, params.source_url)
     split = params.split_params(spec)
     model = params.model_name(spec)
+    reference.pinned(model)  # a malformed operator setting fails here, before any stage
     run_id = str(flow_run.get_id() or "")
-    owned = "://" not in params.cluster  # restart workers of a stopped stage only on a cluster this flow owns
+    # Restart workers of a stopped stage only on a cluster this flow owns.
+    owned = "://" not in params.cluster if restart_workers is None else restart_workers
     thresholds = params.monitor.to_thresholds()
     seconds: dict[str, float] = {}
 
@@ -426,8 +479,11 @@ def training(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     The Dask cluster is chosen here, at the edge, from ``params.cluster``.
     """
     quiet_dask_logs()
-    with dask_cluster(params.cluster, params.n_workers) as address:
-        return pipeline(params, address)
+    data_bytes = source_bytes(params)
+    choice = resolve_cluster(params.cluster, params.n_workers, data_bytes)
+    with dask_cluster(params.cluster, params.n_workers, data_bytes) as address:
+        # Workers of a stopped stage are restarted only on a cluster of worker processes this flow owns.
+        return pipeline(params, address, restart_workers=choice.kind != "address" and choice.processes)
 
 
 if __name__ == "__main__":

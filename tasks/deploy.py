@@ -47,6 +47,7 @@ from conveyor.tasks.train import TrainResult, silver_schema
 
 if TYPE_CHECKING:
     from conveyor.tasks.clean import CleanResult
+    from conveyor.tasks.reference import ReferenceScores
 
 # How far a guard metric may get worse than the champion's before the challenger is refused
 # (a guard the task does not have, e.g. calibration for a regression, is not applied).
@@ -185,7 +186,28 @@ def gate_metric(evaluation: EvaluationResult, params: GateParams) -> str:
     return metric
 
 
-def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
+def reference_check(reference: ReferenceScores, tolerance: float) -> GateCheck:
+    """The challenger against the champion on the operator's pinned holdout (fails closed: no score, no
+    promotion)."""
+    metric, ours, theirs = reference.metric, reference.challenger, reference.champion
+    if ours is None or theirs is None:
+        return GateCheck("reference", metric, float("nan"), None, tolerance, False, reference.note)
+    ok = shortfall(metric, ours, theirs) <= tolerance
+    return GateCheck(
+        "reference",
+        metric,
+        ours,
+        theirs,
+        tolerance,
+        ok,
+        f"on the reference holdout {reference.dataset} ({reference.rows} rows) {metric} {ours:.4f} is "
+        f"{'no worse than' if ok else 'worse than'} the champion's {theirs:.4f} (tolerance {tolerance})",
+    )
+
+
+def decide(
+    evaluation: EvaluationResult, params: GateParams, reference: ReferenceScores | None = None
+) -> GateDecision:
     """Every check of the gate, and the first reason to refuse (or why it passed)."""
     metric = gate_metric(evaluation, params)
     task_metrics = metric_names(evaluation.task)
@@ -251,13 +273,18 @@ def decide(evaluation: EvaluationResult, params: GateParams) -> GateDecision:
                 f"{'worse' if worse > 0 else 'no worse'} by {max(worse, 0.0):.4f} (limit {limit})",
             )
         )
+    lead = checks[-len(guards) - 1].detail
+    if reference is not None:
+        checks.append(reference_check(reference, params.tolerance))
     failed = [c for c in checks if not c.passed]
     if failed:
         return GateDecision(False, "; ".join(c.detail for c in failed), checks)
     # Every check is listed (the report shows them all); the metric check's wording leads a pass.
     return GateDecision(
         True,
-        checks[-len(guards) - 1].detail + (f"; guards within limits ({', '.join(guards)})" if guards else ""),
+        lead
+        + (f"; guards within limits ({', '.join(guards)})" if guards else "")
+        + ("; no worse on the reference holdout" if reference is not None else ""),
         checks,
     )
 
@@ -293,7 +320,10 @@ def deploy(
     trained: TrainResult,
     evaluation: EvaluationResult,
     params: GateParams = GateParams(),
+    reference: ReferenceScores | None = None,
 ) -> DeployResult:
+    """Register the version's card and promote it if it passes the gate (and, when the operator pinned
+    one, the reference holdout: ``reference``, scored by :func:`conveyor.tasks.reference.score_reference`)."""
     gate_metric(evaluation, params)  # a metric the task does not have fails before anything is written
     card_url = register(store, cleaned, trained, evaluation)
     before = read_alias(store, trained.model)
@@ -316,7 +346,7 @@ def deploy(
             f"{evaluated_against}; re-evaluate on the same holdout before promoting",
         )
     else:
-        decision = decide(evaluation, params)
+        decision = decide(evaluation, params, reference)
     promoted, reason = decision.promote, decision.reason
     if promoted:
         try:

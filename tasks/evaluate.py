@@ -154,6 +154,7 @@ class EvaluationResult:
     label: str = ""
     classes: list[str] = field(default_factory=list)
     label_summary: dict[str, float] = field(default_factory=dict)  # class shares, or mean/std of the label
+    reused: bool = False  # read from the committed evaluation record, not recomputed
 
     @property
     def auc_lift(self) -> float:

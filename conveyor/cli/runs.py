@@ -133,14 +133,17 @@ def build_params(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from conveyor.launch import with_prefect
 
-    params = build_params(args)
+    prepared: dict[str, Any] = {}
 
-    def run() -> Any:
+    def prepare() -> None:  # while a local Prefect server starts
         from conveyor.flows.training import training
 
-        return training(params)
+        prepared.update(params=build_params(args), flow=training)
 
-    launched = with_prefect(run, args.prefect_port, keep_server=args.keep_server)
+    def run() -> Any:
+        return prepared["flow"](prepared["params"])
+
+    launched = with_prefect(run, args.prefect_port, keep_server=args.keep_server, prepare=prepare)
     summary = launched.result
     print("\nConveyor run summary")
     print(summary.table())

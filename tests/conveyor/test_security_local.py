@@ -53,7 +53,7 @@ def test_ensure_api_does_not_adopt_whatever_answers_200(impostor, monkeypatch, t
     port, answers = impostor
     started: list[int] = []
 
-    def fake_start(home: Path, port: int, log_path: Path) -> api_module.PrefectApi:
+    def fake_start(home: Path, port: int, log_path: Path, wait: bool = True) -> api_module.PrefectApi:
         started.append(port)
         return api_module.PrefectApi(url=f"http://127.0.0.1:{port}/api")
 

@@ -83,6 +83,11 @@ def test_training_flow_end_to_end(prefect_api, tmp_path) -> None:
     assert monitors == ["monitor-data", "monitor-model"]
     assert all(r.state.is_completed() and r.run_count == 1 for r in runs)
 
+    # The same run again: every stage finds its committed output, the evaluation included.
+    again = training(params)
+    assert again.reused == ["ingest", "clean", "train", "evaluate"]
+    assert again.metrics == summary.metrics and again.model_version == summary.model_version
+
 
 @pytest.mark.parametrize("family", ["random_forest", "linear"])
 def test_each_family_runs_through_the_flagship_flow(prefect_api, tmp_path, family) -> None:
