@@ -45,17 +45,18 @@ def _rmm_options() -> dict[str, Any]:
 
 
 THREADED_MAX_BYTES_ENV = "CONVEYOR_THREADED_CLUSTER_MAX_BYTES"
-DEFAULT_THREADED_MAX_BYTES = 256 * 2**20
+DEFAULT_THREADED_MAX_BYTES = 64 * 2**20
 
 
 def threaded_max_bytes() -> int:
     """Source data up to this size runs on in-process (threaded) workers under ``cluster=auto``.
 
-    Measured on the flagship (about 40 MB of CSV, 2 cores): stages 12.6 s on two threaded workers
-    against 15.7 s on two worker processes, the same model (holdout AUC 0.6886 both), and no worker
-    processes to start. Worker processes stay the choice for larger data: they can be restarted when a
-    stage times out, each has its own memory limit, and pure-Python work does not share one GIL.
-    ``0`` turns threaded workers off.
+    Measured on the flagship (11 MB of compressed CSV, 337k rows, 2 cores): stages 12.6 s on two
+    threaded workers against 15.7 s on two worker processes, the same model (holdout AUC 0.6886 both),
+    and no worker processes to start. Worker processes stay the choice for larger data: they can be
+    restarted when a stage times out, each has its own memory limit, and pure-Python work does not
+    share one GIL. 64 MiB keeps a few million rows of parquet in-process and the 10M-row benchmarks on
+    processes. ``0`` turns threaded workers off.
     """
     raw = os.environ.get(THREADED_MAX_BYTES_ENV, "").strip()
     if not raw:
