@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -26,20 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
+    # Stopped by `timeout` (SIGTERM) or Ctrl-C: interrupt the command so it shuts its cluster and server down,
+    # and still print what was measured.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with PeakRss() as rss:
         started = time.perf_counter()
         proc = subprocess.Popen(command)
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
-            code = proc.wait(timeout=30)
+            proc.send_signal(signal.SIGINT)
+            try:
+                code = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                code = proc.wait(timeout=30)
         seconds = time.perf_counter() - started
     result = {
         "command": command,
         "returncode": code,
         "seconds": round(seconds, 1),
         "peak_rss_gib": round(rss.peak / 2**30, 2),
+        "largest_processes": rss.top(),
     }
     print(json.dumps(result), flush=True)
     if args.json:

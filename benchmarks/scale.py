@@ -27,6 +27,8 @@ class PeakRss:
     def __init__(self, every_s: float = 0.5):
         self.every_s = every_s
         self.peak = 0
+        self.stage_peak = 0  # since the last start_stage()
+        self.by_process: dict[int, tuple[str, int]] = {}  # pid -> (what it runs, its own peak RSS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -36,11 +38,28 @@ class PeakRss:
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    rss = proc.memory_info().rss
+                    if proc.pid not in self.by_process:
+                        self.by_process[proc.pid] = (_describe(proc), 0)
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                what, peak = self.by_process[proc.pid]
+                self.by_process[proc.pid] = (what, max(peak, rss))
             self.peak = max(self.peak, total)
+            self.stage_peak = max(self.stage_peak, total)
             self._stop.wait(self.every_s)
+
+    def start_stage(self) -> None:
+        """Start a new per-stage peak (the overall peak is kept)."""
+        self.stage_peak = 0
+
+    def top(self, n: int = 6) -> list[dict]:
+        """The processes with the highest peak RSS (each its own peak, not at the same moment)."""
+        ranked = sorted(self.by_process.items(), key=lambda kv: -kv[1][1])[:n]
+        return [
+            {"pid": pid, "what": what, "peak_rss_gib": round(peak / 2**30, 2)} for pid, (what, peak) in ranked
+        ]
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -51,6 +70,20 @@ class PeakRss:
         self._thread.join()
 
 
+def _describe(proc: psutil.Process) -> str:
+    """A short name for a process of the tree: a Dask worker, the Prefect server, the flow, ..."""
+    line = " ".join(proc.cmdline())
+    for marker, name in (
+        ("spawn_main", "dask worker (spawned)"),
+        ("prefect server", "prefect server"),
+        ("uvicorn", "prefect server (uvicorn)"),
+        ("conveyor run", "conveyor run (flow, scheduler)"),
+    ):
+        if marker in line:
+            return name
+    return line[:80]
+
+
 def run_stages(store, client, source_url: str, rows: int = 0, rss: PeakRss | None = None) -> dict[str, float]:
     """The four stages directly on ``client``; each stage's figures are printed as soon as it ends."""
     from conveyor.tasks import clean, evaluate, ingest, train
@@ -58,6 +91,8 @@ def run_stages(store, client, source_url: str, rows: int = 0, rss: PeakRss | Non
     seconds: dict[str, float] = {}
 
     def timed(stage: str, fn, *args):
+        if rss:
+            rss.start_stage()
         t = time.perf_counter()
         result = fn(*args)
         seconds[stage] = time.perf_counter() - t
@@ -66,6 +101,7 @@ def run_stages(store, client, source_url: str, rows: int = 0, rss: PeakRss | Non
             "stage": stage,
             "seconds": round(seconds[stage], 1),
             "rows_per_s": round(rows / seconds[stage]) if rows else None,
+            "stage_peak_rss_gib": round(rss.stage_peak / 2**30, 2) if rss else None,
             "peak_rss_gib_so_far": round(rss.peak / 2**30, 2) if rss else None,
         }
         print(json.dumps(progress), flush=True)

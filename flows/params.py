@@ -268,6 +268,13 @@ class TrainingOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         TrainParams.device, title="Device", description="auto: cuda when the Dask workers see a GPU, else cpu"
     )
+    external_memory_rows: int = Field(
+        TrainParams.external_memory_rows,
+        ge=0,
+        title="External memory above (rows)",
+        description="Trees train from XGBoost's external memory (pages on a worker's disk, not in worker "
+        "memory) when the clean data has more rows than this; 0: always",
+    )
 
     random_forest: ForestOptions = Field(
         default_factory=ForestOptions,

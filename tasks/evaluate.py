@@ -14,6 +14,11 @@ constants. Per task:
 * ``regression``: RMSE, MAE, R². Baseline: the training mean per group (or
   overall), shrunk the same way.
 
+The holdout and validation slices are read in one pass, partition by partition
+on the workers (:func:`score_slice`): each partition is reduced to its label and
+the predictions of the model, the baseline and the champion, so no process holds
+the raw slices; only those few columns come back to compute the metrics.
+
 The report (markdown) carries its plots inline as PNG data URIs, so the Prefect
 UI shows them; the PNG files are written beside the model too.
 """
@@ -36,11 +41,10 @@ from conveyor.tasks.train import (
     SplitParams,
     Target,
     TrainResult,
-    categorize,
+    encode,
     importance,
     load_booster,
     load_split,
-    predict_dask,
     silver_schema,
 )
 
@@ -348,9 +352,68 @@ def baseline_name(target: Target, keys: list[str]) -> str:
     return f"baseline ({what} by {' x '.join(keys)})" if keys else f"baseline (overall {what})"
 
 
-def predict_frame(client: Any, booster: Any, frame: Any, features: list[str]) -> Any:
-    """Predictions from a booster or a linear model (tasks/families.py) for an encoded dask frame."""
-    return predict_dask(client, booster, frame[features])
+# --- one pass over a slice ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A model scored in the holdout pass: an ``xgboost.Booster`` or a linear model, and what it reads."""
+
+    name: str  # prefix of its prediction columns
+    model: Any
+    features: list[str]
+    categories: dict[str, list[str]]
+
+
+def score_columns(name: str, width: int) -> list[str]:
+    return [f"{name}{j}" for j in range(width)]
+
+
+def score_partition(
+    part: pd.DataFrame, scorers: list[Scorer], label: str, baseline: Baseline, width: int
+) -> pd.DataFrame:
+    """One partition of a raw slice reduced to the label and every model's and the baseline's predictions.
+
+    ``width`` is the number of prediction columns per model (the class count
+    for multiclass, else 1). Model predictions stay float32 (what XGBoost
+    computes), the label and the baseline float64. The baseline's keys are
+    encoded as the first scorer (the model) encodes them, as they were when
+    the baseline was fitted on the encoded training slice.
+    """
+    n = len(part)
+    out: dict[str, np.ndarray] = {"y": part[label].to_numpy(dtype="float64")}
+    for s in scorers:
+        if n:
+            encoded = encode(part[s.features], s.categories, s.features)
+            p = np.asarray(s.model.inplace_predict(encoded), dtype="float32").reshape(n, width)
+        else:
+            p = np.empty((0, width), dtype="float32")
+        out.update(zip(score_columns(s.name, width), p.T, strict=True))
+    if baseline.keys:
+        model = scorers[0]
+        numeric = [k for k in baseline.keys if k in model.features]
+        keys = encode(part[baseline.keys], model.categories, numeric)
+    else:
+        keys = pd.DataFrame(index=range(n))
+    b = np.asarray(baseline_predict(baseline, keys), dtype="float64").reshape(n, width)
+    out.update(zip(score_columns("baseline", width), b.T, strict=True))
+    return pd.DataFrame(out)
+
+
+def score_slice(raw: Any, scorers: list[Scorer], label: str, baseline: Baseline, target: Target) -> Any:
+    """A lazy frame of :func:`score_partition` over every partition of ``raw`` (a raw, unencoded slice)."""
+    width = target.num_class or 1
+    meta = {"y": "float64"}
+    for s in scorers:
+        meta |= dict.fromkeys(score_columns(s.name, width), "float32")
+    meta |= dict.fromkeys(score_columns("baseline", width), "float64")
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in meta.items()})
+    return raw.map_partitions(score_partition, scorers, label, baseline, width, meta=empty)
+
+
+def predictions(scored: pd.DataFrame, name: str, target: Target) -> np.ndarray:
+    """One model's predictions from a computed :func:`score_slice`, shaped as :func:`as_array` does."""
+    return as_array(scored[score_columns(name, target.num_class or 1)].to_numpy(), target)
 
 
 # --- plots --------------------------------------------------------------------------------
@@ -633,59 +696,46 @@ def evaluate(
     binary = target.task == "binary"
     cols = list(dict.fromkeys([*features, *keys, label]))
     url = cleaned.silver.url
-    # Raw (unencoded) slices, each model encodes them with the categories it was trained with.
-    raw_holdout = load_split(store, url, split, "holdout", cols, encode=False, schema=schema).persist()
-    raw_valid = (
-        load_split(store, url, split, "valid", cols, encode=False, schema=schema).persist()
-        if binary
-        else None
-    )
-    holdout = categorize(raw_holdout, trained.categories, features)
-    valid = categorize(raw_valid, trained.categories, features) if binary else None
-    train_frame = load_split(store, url, split, "train", [*keys, label], schema=schema)
     booster = load_booster(store, trained.model_url)
     booster.set_param({"device": "cpu"} if trained.device == "cpu" else {"device": trained.device})
-
-    p_hold, p_valid, y_hold, y_valid, keys_hold, keys_valid = dask.compute(
-        predict_frame(client, booster, holdout, features),
-        predict_frame(client, booster, valid, features) if binary else None,
-        holdout[label],
-        valid[label] if binary else None,
-        holdout[keys] if keys else None,
-        valid[keys] if binary and keys else None,
-    )
-    if len(y_hold) == 0:
-        raise ValueError(f"{url}: the holdout slice of the {split.kind} split {split} is empty")
-    y_hold = np.asarray(y_hold, dtype=int if target.task != "regression" else "float64")
-    p_hold = as_array(p_hold, target)
-    if binary:
-        y_valid, p_valid = np.asarray(y_valid, dtype=int), as_array(p_valid, target)
-    model_metrics = score_target(target, y_hold, p_hold, y_valid, p_valid)
-
-    base = fit_baseline(train_frame, target, keys, trained.categories)
-    keys_hold = keys_hold if keys else pd.DataFrame(index=range(len(y_hold)))
-    b_hold = baseline_predict(base, keys_hold)
-    b_valid = None
-    if binary:
-        keys_valid = keys_valid if keys else pd.DataFrame(index=range(len(y_valid)))
-        b_valid = baseline_predict(base, keys_valid)
-    baseline_metrics = score_target(target, y_hold, b_hold, y_valid, b_valid)
-    base_name = baseline_name(target, keys)
-
-    curves = {"model": p_hold, "baseline": b_hold}
+    scorers = [Scorer("model", booster, features, trained.categories)]
     champion = None
     if champion_url is not None and champion_version is not None and champion_version != trained.version:
-        champion = _score_champion(
-            store,
-            client,
-            champion_url,
-            champion_version,
-            target,
-            raw_holdout,
-            raw_valid,
-            y_hold,
-            y_valid,
-            curves,
+        champion, champion_scorer = _load_champion(store, champion_url, champion_version, target, cols)
+        if champion_scorer is not None:
+            scorers.append(champion_scorer)
+
+    train_frame = load_split(store, url, split, "train", [*keys, label], schema=schema)
+    base = fit_baseline(train_frame, target, keys, trained.categories)
+    # Raw (unencoded) slices, each model encodes them with the categories it was trained with.
+    lazy = []
+    for part in ("holdout", "valid") if binary else ("holdout",):
+        raw = load_split(store, url, split, part, cols, encode=False, schema=schema)
+        lazy.append(score_slice(raw, scorers, label, base, target))
+    computed = dask.compute(*lazy)
+    hold_scored, valid_scored = computed[0], computed[1] if binary else None
+    if len(hold_scored) == 0:
+        raise ValueError(f"{url}: the holdout slice of the {split.kind} split {split} is empty")
+    y_hold = hold_scored["y"].to_numpy(dtype=int if target.task != "regression" else "float64")
+    y_valid = valid_scored["y"].to_numpy(dtype=int) if binary else None
+
+    def scored(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        p_valid = predictions(valid_scored, name, target) if binary else None
+        return predictions(hold_scored, name, target), p_valid
+
+    p_hold, p_valid = scored("model")
+    model_metrics = score_target(target, y_hold, p_hold, y_valid, p_valid)
+    b_hold, b_valid = scored("baseline")
+    baseline_metrics = score_target(target, y_hold, b_hold, y_valid, b_valid)
+    base_name = baseline_name(target, keys)
+    curves = {"model": p_hold, "baseline": b_hold}
+    if champion is not None and len(scorers) > 1:
+        c_hold, c_valid = scored("champion")
+        curves[f"champion {champion.version}"] = c_hold
+        champion = ChampionScore(
+            champion.version,
+            score_target(target, y_hold, c_hold, y_valid, c_valid),
+            f"scored on the same holdout ({len(y_hold):,} rows)",
         )
 
     shares = importance(booster)
@@ -732,18 +782,10 @@ def evaluate(
     return result
 
 
-def _score_champion(
-    store: Store,
-    client: Any,
-    url: str,
-    version: str,
-    target: Target,
-    holdout: Any,
-    valid: Any,
-    y_hold: np.ndarray,
-    y_valid: np.ndarray | None,
-    curves: dict[str, np.ndarray],
-) -> ChampionScore:
+def _load_champion(
+    store: Store, url: str, version: str, target: Target, columns: list[str]
+) -> tuple[ChampionScore, Scorer | None]:
+    """The champion to score beside the model, or a score with only a note saying why it cannot be."""
     from conveyor.tasks.train import train_info
 
     try:
@@ -752,7 +794,7 @@ def _score_champion(
     except Exception as exc:
         return ChampionScore(
             version, None, f"could not load champion {version} ({type(exc).__name__}: {exc})"
-        )
+        ), None
     if (info.task, info.label) != (target.task, target.label) or (
         target.task == "multiclass" and list(info.classes) != list(target.classes)
     ):
@@ -761,22 +803,10 @@ def _score_champion(
             None,
             f"champion {version} predicts {info.task} {info.label} {info.classes}, "
             f"not {target.task} {target.label} {list(target.classes)}",
-        )
-    missing = [f for f in info.features if f not in holdout.columns]
+        ), None
+    missing = [f for f in info.features if f not in columns]
     if missing:
-        return ChampionScore(version, None, f"champion {version} needs features this data lacks: {missing}")
-    hold = categorize(holdout[info.features], info.categories)
-    parts = [predict_frame(client, booster, hold, info.features)]
-    if valid is not None:
-        parts.append(
-            predict_frame(client, booster, categorize(valid[info.features], info.categories), info.features)
-        )
-    computed = dask.compute(*parts)
-    p_hold = as_array(computed[0], target)
-    p_valid = as_array(computed[1], target) if valid is not None else None
-    curves[f"champion {version}"] = p_hold
-    return ChampionScore(
-        version,
-        score_target(target, y_hold, p_hold, y_valid, p_valid),
-        f"scored on the same holdout ({len(y_hold):,} rows)",
-    )
+        return ChampionScore(
+            version, None, f"champion {version} needs features this data lacks: {missing}"
+        ), None
+    return ChampionScore(version, None), Scorer("champion", booster, list(info.features), info.categories)

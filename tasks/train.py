@@ -9,6 +9,13 @@ Families (``TrainParams.family``): ``gbtree`` (boosted trees) and
 regression, see tasks/families.py, by L-BFGS map-reduce over the same
 partitions) for ``binary`` only.
 
+Data bigger than ``TrainParams.external_memory_rows`` silver rows trains the
+trees with XGBoost's external memory instead (:func:`fit_external`): one Dask
+task streams the silver parts through an ``ExtMemQuantileDMatrix`` whose
+quantised pages are cached on the worker's disk, so no process holds the
+training matrix. ``xgboost.dask`` cannot take an external-memory matrix, hence
+one worker with the threads of every worker on its host.
+
 The model is written (XGBoost UBJ for trees, JSON weights for the linear
 model; never pickle) under ``models/<model>/<version>/`` with ``train.json`` beside it; the version is not
 trusted (not in the
@@ -20,8 +27,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import posixpath
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +49,7 @@ from conveyor.store.storage import (
     content_version,
     exists,
     open_manifest,
+    part_urls,
     read_dataset,
     read_json,
     write_bytes_atomic,
@@ -61,6 +72,12 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.ubj"
 TRAIN_INFO = "train.json"
 SPREAD_LAZY_FACTOR = 8  # partitions per worker from which a slice is left to the scheduler (see spread)
+# Silver rows from which trees train from external memory. In memory, the train stage's processes held
+# about 0.2 GiB per million rows (3.35 GiB at 10M, 20.96 GiB at 100M: benchmarks/README.md); external
+# memory holds one batch plus XGBoost's page cache. A row count, not free memory, so the same data trains
+# the same way (and gives the same model) on any machine.
+EXTERNAL_MEMORY_ROWS = 20_000_000
+EXTERNAL_BATCH_ROWS = 1_000_000  # rows per batch read from a silver part (bounds the reading memory)
 
 # What a silver manifest written before pipeline specs (no 'task' in its extra) means: the flights pipeline.
 LEGACY_SCHEMA: dict[str, Any] = {
@@ -146,6 +163,9 @@ class TrainParams:
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
     family: Family = "gbtree"
+    # Trees train from external memory when the silver data has more rows than this (0: always). Like the
+    # device, it picks how the model is trained, not what: it is not part of the model version.
+    external_memory_rows: int = EXTERNAL_MEMORY_ROWS
     random_forest: ForestParams = field(default_factory=ForestParams)
     linear: LinearParams = field(default_factory=LinearParams)
 
@@ -175,8 +195,14 @@ class TrainParams:
         }
 
     def identity(self) -> dict[str, Any]:
-        """What the model version hashes: family, its settings and the seed (not the device)."""
+        """What the model version hashes: family, its settings and the seed (not the device or engine)."""
         return {"family": self.family, "seed": self.seed, **self.hyperparameters()}
+
+    def engine(self, silver_rows: int) -> str:
+        """``external_memory`` for trees on data above the threshold, else ``dask`` (in worker memory)."""
+        if self.family != "linear" and silver_rows > self.external_memory_rows:
+            return "external_memory"
+        return "dask"
 
 
 @dataclass(frozen=True)
@@ -209,6 +235,7 @@ class TrainResult:
     task: str = "binary"
     classes: list[str] = field(default_factory=lambda: list(LEGACY_SCHEMA["classes"]))
     valid_metrics: dict[str, float] = field(default_factory=dict)  # XGBoost's names: auc, mlogloss, rmse, ...
+    engine: str = "dask"  # "dask" (xgboost.dask, in worker memory) or "external_memory" (see fit_external)
 
     @property
     def target(self) -> Target:
@@ -614,6 +641,169 @@ def _fit_linear(
     )
 
 
+class SilverBatches(xgb.DataIter):
+    """One slice of the silver parts as batches of encoded rows, read one at a time (external memory).
+
+    XGBoost calls :meth:`next` until it returns False, once to sketch the
+    quantiles and once to write its quantised pages; only the current batch
+    is held. Parts are read through the store's filesystem, so any store works.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        parts: list[str],
+        split: SplitParams,
+        part: Literal["train", "valid", "holdout"],
+        features: list[str],
+        label: str,
+        categories: dict[str, list[str]],
+        cache_prefix: str,
+        on_host: bool = False,
+        batch_rows: int = EXTERNAL_BATCH_ROWS,
+    ):
+        self.store, self.parts, self.split, self.part = store, parts, split, part
+        self.features, self.label, self.categories = features, label, categories
+        self.batch_rows = batch_rows
+        self.rows = 0  # counted on the first pass
+        self._counting = True
+        self._batches: Iterator[pd.DataFrame] | None = None
+        super().__init__(cache_prefix=cache_prefix, release_data=True, on_host=on_host)
+
+    def _read(self) -> Iterator[pd.DataFrame]:
+        import pyarrow.parquet as pq
+
+        key = FOLD if self.split.kind == "ratio" else self.split.time_key
+        columns = list(dict.fromkeys([key, *self.features, self.label]))
+        for url in self.parts:
+            with self.store.fs.open(self.store.path(url), "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=self.batch_rows, columns=columns):
+                    frame = batch.to_pandas()
+                    frame = frame[split_mask(frame, self.split, self.part)]
+                    if len(frame):
+                        yield encode(frame[[*self.features, self.label]], self.categories, self.features)
+
+    def next(self, input_data: Any) -> bool:
+        if self._batches is None:
+            self._batches = self._read()
+        frame = next(self._batches, None)
+        if frame is None:
+            self._counting = False
+            return False
+        if self._counting:
+            self.rows += len(frame)
+        input_data(
+            data=frame[self.features],
+            label=frame[self.label],
+            feature_types=feature_types(self.features, self.categories),
+        )
+        return True
+
+    def reset(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+        self._batches = None
+
+
+def train_external(
+    store: Store,
+    parts: list[str],
+    split: SplitParams,
+    features: list[str],
+    categories: dict[str, list[str]],
+    label: str,
+    booster_params: dict[str, Any],
+    rounds: int,
+    early_stopping: int | None,
+    nthread: int,
+    cache_dir: str | None = None,
+) -> tuple[bytes, int, dict[str, float], dict[str, int]]:
+    """Train one booster from the silver parts through XGBoost's external memory (pages cached on disk).
+
+    Returns the model (UBJ), the kept round, the validation metrics at that
+    round and the rows of the train and valid slices.
+    """
+    on_host = booster_params.get("device") == "cuda"  # GPU: pages in host memory; CPU: on disk
+    with tempfile.TemporaryDirectory(prefix="conveyor-extmem-", dir=cache_dir) as cache:
+        iters = {
+            p: SilverBatches(
+                store, parts, split, p, features, label, categories, os.path.join(cache, p), on_host
+            )
+            for p in ("train", "valid")
+        }
+        dtrain = xgb.ExtMemQuantileDMatrix(iters["train"], enable_categorical=True, nthread=nthread)
+        if iters["train"].rows == 0:
+            raise ValueError(f"the train slice of the {split.kind} split {split} is empty")
+        dvalid = xgb.ExtMemQuantileDMatrix(
+            iters["valid"], enable_categorical=True, nthread=nthread, ref=dtrain
+        )
+        if iters["valid"].rows == 0:
+            raise ValueError(f"the valid slice of the {split.kind} split {split} is empty")
+        history: dict[str, Any] = {}
+        booster = xgb.train(
+            booster_params | {"nthread": nthread},
+            dtrain,
+            num_boost_round=rounds,
+            evals=[(dvalid, "valid")],
+            early_stopping_rounds=early_stopping,
+            evals_result=history,
+            verbose_eval=False,
+        )
+        best = int(booster.best_iteration) if early_stopping else 0
+        if early_stopping:
+            booster = booster[: best + 1]
+        metrics = {m: float(history["valid"][m][best]) for m in booster_params["eval_metric"]}
+        rows = {p: it.rows for p, it in iters.items()}
+        del dtrain, dvalid  # free the page cache before its folder goes
+    return bytes(booster.save_raw(raw_format="ubj")), best, metrics, rows
+
+
+def _train_external_on_worker(*args: Any) -> tuple[bytes, int, dict[str, float], dict[str, int]]:
+    from distributed import get_worker
+
+    return train_external(*args, cache_dir=get_worker().local_directory)
+
+
+def fit_external(
+    store: Store,
+    client: Any,
+    silver_url: str,
+    split: SplitParams,
+    schema: SilverSchema,
+    params: TrainParams,
+    device: str,
+) -> tuple[Fitted, dict[str, int]]:
+    """Train trees from external memory in one Dask task, with the threads of every worker on its host.
+
+    The other workers sit idle meanwhile: their threads are the ones XGBoost uses.
+    """
+    target = Target.of(schema)
+    booster_params = xgb_params(params, device, target)
+    forest = params.family == "random_forest"
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    worker = sorted(workers)[0]
+    host = workers[worker]["host"]
+    nthread = sum(w["nthreads"] for w in workers.values() if w["host"] == host)
+    parts = part_urls(store, silver_url, open_manifest(store, silver_url))
+    raw, best, metrics, rows = client.submit(
+        _train_external_on_worker,
+        store,
+        parts,
+        split,
+        list(schema.features),
+        schema.categories,
+        target.label,
+        booster_params,
+        1 if forest else params.num_boost_round,
+        None if forest else params.early_stopping_rounds,
+        nthread,
+        pure=False,
+        workers=[worker],
+        allow_other_workers=False,
+    ).result()
+    return Fitted(load_raw(raw), raw, MODEL_FILE, best, metrics, booster_params), rows
+
+
 def resolve_split(store: Store, cleaned: CleanResult, split: SplitParams | None) -> SplitParams:
     """The split asked for, else the one the spec declared (in the silver manifest)."""
     return split or silver_schema(store, cleaned.silver.url).split_params()
@@ -665,6 +855,7 @@ def write_model(
     rows: dict[str, int],
     seconds: float,
     search: dict[str, Any] | None = None,
+    engine: str = "dask",
 ) -> TrainResult:
     """Commit a fitted model: the artifact first, ``train.json`` last (it marks the version complete)."""
     schema = silver_schema(store, cleaned.silver.url)
@@ -697,6 +888,7 @@ def write_model(
         task=schema.task,
         classes=list(schema.classes),
         valid_metrics=dict(fitted.valid_metrics),
+        engine=engine,
     )
     write_json_atomic(store, posixpath.join(model_url, TRAIN_INFO), asdict(result))
     return result
@@ -728,11 +920,15 @@ def train(
     if done is not None:
         return dataclasses.replace(done, reused=True)
     started = time.perf_counter()
-    frames, rows = load_frames(store, client, cleaned, split)
-    fitted = fit(client, frames, schema.features, schema.categories, params, device, target=Target.of(schema))
-    return write_model(
-        store, cleaned, params, split, model, device, fitted, rows, time.perf_counter() - started
-    )
+    engine = params.engine(cleaned.silver.rows)
+    if engine == "external_memory":
+        fitted, rows = fit_external(store, client, cleaned.silver.url, split, schema, params, device)
+    else:
+        frames, rows = load_frames(store, client, cleaned, split)
+        target = Target.of(schema)
+        fitted = fit(client, frames, schema.features, schema.categories, params, device, target=target)
+    seconds = time.perf_counter() - started
+    return write_model(store, cleaned, params, split, model, device, fitted, rows, seconds, engine=engine)
 
 
 def load_raw(raw: bytes, model_file: str = MODEL_FILE) -> Any:
