@@ -4,8 +4,13 @@ Starts the real server (uvicorn, in a subprocess so it does not share the
 client's GIL) on a loopback port, drives it with a bounded load (a fixed
 number of requests from a few concurrent clients) for single rows and for
 batches of 1,000, and prints one JSON object: p50/p99 latency and throughput
-for each, next to the same work done by ``Booster.inplace_predict`` on an
-already-encoded frame, and the ratios. The server is stopped by its pid.
+for each, next to the same work done by ``Booster.inplace_predict`` on the
+already-encoded frame (``booster_direct``, the original baseline) and on the
+float32 matrix the server now builds (``booster_direct_numpy``, stricter),
+and the ratios to each. Request bodies are serialised once, up front. The ``raw`` section drives
+``POST /predict`` with the same number of raw rows (bronze flights rows, as
+a client would send them; features computed by the server) and compares it
+with the feature-row route. The server is stopped by its pid.
 
     python -m benchmarks.serving_latency [--storage-url data] [--model flights_late] [--json out.json]
 
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,6 +51,26 @@ def _sample_rows(store: Any, card: dict[str, Any], n: int) -> list[dict[str, Any
         if have >= n:
             break
     return json.loads(pd.concat(frames).head(n).to_json(orient="records"))
+
+
+def _raw_sample(store: Any, card: dict[str, Any], featurizer: Any, n: int) -> list[dict[str, Any]]:
+    """Unlabelled main-table rows as JSON records, from the bronze version the model was trained on; only
+    rows the spec accepts (a quarantined row is a 422, not a prediction)."""
+    from conveyor.store.storage import open_manifest, read_dataset_pandas
+    from conveyor.tasks.inference import featurize_rows
+
+    main = featurizer.loaded.spec.main
+    version = open_manifest(store, card["datasets"]["silver_url"]).lineage["bronze"][main]
+    bronze = read_dataset_pandas(
+        store, store.dataset_url(f"bronze_{main}", version), featurizer.raw_schema.names
+    )
+    records = json.loads(bronze.head(2 * n).to_json(orient="records", date_format="iso", date_unit="s"))
+    _, problems = featurize_rows(featurizer, records)
+    rejected = {p.row for p in problems}
+    rows = [r for i, r in enumerate(records) if i not in rejected][:n]
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} of the first {2 * n} {main} rows are valid")
+    return rows
 
 
 def _stats(latencies: list[float], wall: float, rows_per_call: int) -> dict[str, float]:
@@ -129,8 +155,9 @@ def run(
     from conveyor.flows.training import open_store
     from conveyor.prefect_api import free_port
     from conveyor.store.registry import read_alias
+    from conveyor.tasks.inference import FastEncoder, featurizer_for_card
     from conveyor.tasks.loading import load_model
-    from conveyor.tasks.scoring import predict_frame, rows_to_frame
+    from conveyor.tasks.scoring import category_codes, feature_matrix, predict_matrix, rows_to_frame
 
     store = open_store(storage_url)
     pointer = read_alias(store, model)
@@ -138,7 +165,14 @@ def run(
         raise SystemExit(f"no champion of {model} under {store.root}; run `make run` first")
     loaded = load_model(store, model, pointer.version)
     rows = _sample_rows(store, loaded.card, batch_rows)
-    encoded_single, encoded_batch = rows_to_frame(rows[:1], loaded), rows_to_frame(rows, loaded)
+    featurizer = featurizer_for_card(store, loaded.card)
+    encoder = FastEncoder(featurizer, loaded.features, loaded.categories)
+    raw_rows = _raw_sample(store, loaded.card, featurizer, batch_rows)
+    codes = category_codes(loaded.categories)
+    # The booster's own input: the encoded frame (the original baseline) and the float32 matrix the server
+    # now passes (a stricter baseline: a one-row matrix skips pandas' per-column work in XGBoost too).
+    frame_single, frame_batch = rows_to_frame(rows[:1], loaded), rows_to_frame(rows, loaded)
+    matrix_single, matrix_batch = feature_matrix(rows[:1], loaded, codes), feature_matrix(rows, loaded, codes)
 
     result: dict[str, Any] = {
         "model": model,
@@ -147,22 +181,33 @@ def run(
         "batch_rows": len(rows),
         "cpus": os.cpu_count(),
     }
+    predict = loaded.booster.inplace_predict
     direct = {
-        "single": _drive(
-            lambda: loaded.booster.inplace_predict(encoded_single), clients, single_requests // clients
-        ),
-        "batch": _drive(
-            lambda: loaded.booster.inplace_predict(encoded_batch), clients, batch_requests // clients
-        ),
+        "single": _drive(lambda: predict(frame_single), clients, single_requests // clients),
+        "batch": _drive(lambda: predict(frame_batch), clients, batch_requests // clients),
+    }
+    direct_numpy = {
+        "single": _drive(lambda: predict(matrix_single), clients, single_requests // clients),
+        "batch": _drive(lambda: predict(matrix_batch), clients, batch_requests // clients),
     }
     in_process = {  # validation + encoding + prediction, no HTTP: where the server's time goes
         "single": _drive(
-            lambda: predict_frame(loaded, rows_to_frame(rows[:1], loaded)),
+            lambda: predict_matrix(loaded, feature_matrix(rows[:1], loaded, codes)),
             clients,
             single_requests // clients,
         ),
         "batch": _drive(
-            lambda: predict_frame(loaded, rows_to_frame(rows, loaded)), clients, batch_requests // clients
+            lambda: predict_matrix(loaded, feature_matrix(rows, loaded, codes)),
+            clients,
+            batch_requests // clients,
+        ),
+        "raw_single": _drive(
+            lambda: predict_matrix(loaded, encoder.encode(raw_rows[:1])[0]),
+            clients,
+            single_requests // clients,
+        ),
+        "raw_batch": _drive(
+            lambda: predict_matrix(loaded, encoder.encode(raw_rows)[0]), clients, batch_requests // clients
         ),
     }
 
@@ -182,21 +227,25 @@ def run(
             time.sleep(0.2)
         local = threading.local()
 
-        def post(payload: dict[str, Any]) -> None:
+        def post(body: bytes, route: str = "/predict/features") -> None:
             client = getattr(local, "client", None)
             if client is None:
-                client = local.client = httpx.Client(
-                    base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
-                )
-            resp = client.post("/predict/features", json=payload)
+                headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+                client = local.client = httpx.Client(base_url=url, timeout=60, headers=headers)
+            resp = client.post(route, content=body)
             resp.raise_for_status()
 
-        single_payload, batch_payload = {"rows": rows[:1]}, {"rows": rows}
+        # Bodies serialised once: a client's own JSON encoding is not the server's time.
+        single_payload, batch_payload = orjson.dumps({"rows": rows[:1]}), orjson.dumps({"rows": rows})
+        raw_single, raw_batch = orjson.dumps({"rows": raw_rows[:1]}), orjson.dumps({"rows": raw_rows})
         for _ in range(20):
             post(single_payload)  # warm-up
+            post(raw_single, "/predict")
         served = {
             "single": _drive(lambda: post(single_payload), clients, single_requests // clients),
             "batch": _drive(lambda: post(batch_payload), clients, batch_requests // clients),
+            "raw_single": _drive(lambda: post(raw_single, "/predict"), clients, single_requests // clients),
+            "raw_batch": _drive(lambda: post(raw_batch, "/predict"), clients, batch_requests // clients),
         }
     finally:
         _stop(proc)
@@ -204,17 +253,36 @@ def run(
     for kind, n in (("single", 1), ("batch", len(rows))):
         s = _stats(*served[kind], n)
         d = _stats(*direct[kind], n)
+        dn = _stats(*direct_numpy[kind], n)
         ip = _stats(*in_process[kind], n)
         result[kind] = {
             "served": s,
             "in_process_full_path": ip,
             "booster_direct": d,
+            "booster_direct_numpy": dn,
             "ratio_served_to_direct": {
                 "p50": round(s["p50_ms"] / d["p50_ms"], 1),
                 "p99": round(s["p99_ms"] / d["p99_ms"], 1),
                 "throughput": round(s["rows_per_s"] / d["rows_per_s"], 4),
             },
+            "ratio_served_to_direct_numpy": {
+                "p50": round(s["p50_ms"] / dn["p50_ms"], 1),
+                "p99": round(s["p99_ms"] / dn["p99_ms"], 1),
+                "throughput": round(s["rows_per_s"] / dn["rows_per_s"], 4),
+            },
         }
+    raw_s, raw_b = _stats(*served["raw_single"], 1), _stats(*served["raw_batch"], len(rows))
+    result["raw"] = {
+        "single": {"served": raw_s, "in_process_full_path": _stats(*in_process["raw_single"], 1)},
+        "batch": {"served": raw_b, "in_process_full_path": _stats(*in_process["raw_batch"], len(rows))},
+        "fast_path": not encoder.problem,
+        "ratio_raw_to_features": {
+            "p50": round(raw_s["p50_ms"] / result["single"]["served"]["p50_ms"], 2),
+            "p99": round(raw_s["p99_ms"] / result["single"]["served"]["p99_ms"], 2),
+            "batch_p50": round(raw_b["p50_ms"] / result["batch"]["served"]["p50_ms"], 2),
+            "throughput": round(raw_b["rows_per_s"] / result["batch"]["served"]["rows_per_s"], 4),
+        },
+    }
     return result
 
 

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -47,13 +48,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import (  # module level: FastAPI resolves annotations here
     Depends,
     FastAPI,
     HTTPException,
     Request,
 )
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from conveyor import operator
@@ -68,6 +70,10 @@ TOKEN_ENV = "CONVEYOR_SERVING_TOKEN"
 MAX_ROWS = 10_000  # per request: a larger batch belongs to the batch scoring flow
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: larger values become inf
 JSON_TYPES = ("application/json",)
+# A body this small is a few rows: parsed, encoded and scored on the event loop in well under a
+# millisecond, quicker than the hop to a worker thread. Anything slower goes to the thread pool.
+INLINE_BYTES = 16_384
+LONG_INTEGER = re.compile(rb"[0-9]{19}")  # orjson reads integers past 64 bits as floats; json keeps them
 
 
 class ServingConfigError(RuntimeError):
@@ -95,17 +101,40 @@ class ModelHolder:
     last_check: float = 0.0
     reloads: int = 0
     alerted: set[str] = field(default_factory=set)  # versions already alerted about: once each
-    featurizers: dict[str, Any] = field(default_factory=dict)  # version -> its raw-row Featurizer
+    featurizers: dict[str, Any] = field(default_factory=dict)  # version -> (Featurizer, FastEncoder)
+    codes: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # version -> category codes
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def featurizer(self, model: LoadedModel) -> Any:
         """The raw-row featurizer of ``model`` (its spec and lookup tables), built once per version."""
-        from conveyor.tasks.inference import featurizer_for_card
+        return self._raw(model)[0]
+
+    def encoder(self, model: LoadedModel) -> Any:
+        """The raw-row fast encoder of ``model`` (``conveyor.tasks.inference.FastEncoder``)."""
+        return self._raw(model)[1]
+
+    def _raw(self, model: LoadedModel) -> tuple[Any, Any]:
+        from conveyor.tasks.inference import FastEncoder, featurizer_for_card
 
         found = self.featurizers.get(model.version)
         if found is None:
-            found = featurizer_for_card(self.store, model.card)
+            featurizer = featurizer_for_card(self.store, model.card)
+            found = (featurizer, FastEncoder(featurizer, model.features, model.categories))
+            if found[1].problem:
+                logger.info(
+                    "raw rows of %s %s take the pandas path: %s", model.model, model.version, found[1].problem
+                )
             self.featurizers = {model.version: found}  # one live version: drop the old one's lookups
+        return found
+
+    def category_codes(self, model: LoadedModel) -> dict[str, dict[str, float]]:
+        """Level -> code of each categorical feature of ``model``, built once per version."""
+        from conveyor.tasks.scoring import category_codes
+
+        found = self.codes.get(model.version)
+        if found is None:
+            found = category_codes(model.categories)
+            self.codes = {model.version: found}
         return found
 
     @property
@@ -228,6 +257,10 @@ def check_bind(app: Any, host: str) -> None:
         raise ServingConfigError(f"without {TOKEN_ENV} the server listens on loopback only, not {host!r}")
 
 
+class NeedsThread(Exception):
+    """Raised by inline work that found it has slow work to do: run it again off the event loop."""
+
+
 class Rejected(Exception):
     """A request refused before it reaches the model: the status and FastAPI-shaped detail."""
 
@@ -284,6 +317,17 @@ def _value_errors(rows: Any, model: LoadedModel) -> list[Any]:
     return errors[:MAX_ERRORS]
 
 
+def _loads(body: bytes) -> Any:
+    """orjson where it reads the body as ``json`` would (most bodies, several times faster); else ``json``,
+    whose errors and big integers the 422s and range checks are written against."""
+    if not LONG_INTEGER.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:  # NaN, lone surrogates, deep nesting, other encodings: json decides
+            pass
+    return json.loads(body)
+
+
 def _decode_rows(body: bytes, content_type: str | None, max_bytes: int) -> Any:
     """The ``rows`` of a JSON body, not yet checked; :class:`Rejected` for 415, 413 and undecodable JSON."""
     if not is_json(content_type):
@@ -291,7 +335,7 @@ def _decode_rows(body: bytes, content_type: str | None, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise Rejected(413, f"the body is larger than {max_bytes} bytes")
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except RecursionError:
         raise Rejected(422, _error(["body"], "JSON is nested too deeply", "json_invalid")) from None
     except ValueError:  # also UnicodeDecodeError, and integers past Python's 4300-digit limit
@@ -310,9 +354,32 @@ def parse_predict_body(
 
     Pure and total over any bytes: the property tests feed it arbitrary input.
     """
-    from conveyor.tasks.scoring import validate_rows
+    return _checked_rows(_decode_rows(body, content_type, max_bytes), model)
+
+
+def encode_predict_body(
+    body: bytes,
+    content_type: str | None,
+    model: LoadedModel,
+    max_bytes: int,
+    codes: dict[str, dict[str, float]],
+) -> Any:
+    """The request's rows as the model's float32 feature matrix; else :class:`Rejected` as
+    :func:`parse_predict_body`. Plainly valid rows go straight into numpy; any other body takes
+    :func:`parse_predict_body` and ``rows_to_frame``, so errors and edge cases are theirs."""
+    from conveyor.tasks.scoring import feature_matrix, rows_to_frame
 
     rows = _decode_rows(body, content_type, max_bytes)
+    matrix = feature_matrix(rows, model, codes)
+    if matrix is not None:
+        return matrix
+    rows = _checked_rows(rows, model)
+    return rows_to_frame(rows, model).to_numpy(dtype="float32")
+
+
+def _checked_rows(rows: Any, model: LoadedModel) -> list[dict[str, Any]]:
+    from conveyor.tasks.scoring import validate_rows
+
     errors = _value_errors(rows, model) or validate_rows(rows, model)
     if errors:
         raise Rejected(422, [e.detail() for e in errors])
@@ -411,7 +478,7 @@ def create_app(
 
     Raises :class:`ServingConfigError` without a token unless ``insecure_no_token``.
     """
-    from conveyor.tasks.scoring import predict_frame, prediction_payload, rows_to_frame
+    from conveyor.tasks.scoring import predict_frame, predict_matrix, prediction_payload
 
     token = resolve_token(token, insecure_no_token)
     poll_seconds = operator.confine_seconds(poll_seconds, "poll")
@@ -481,7 +548,7 @@ def create_app(
             "card": model.card,
         }
 
-    async def guarded(request: Request, work: Callable[[LoadedModel, bytes, str | None], Any]) -> Any:
+    async def guarded(request: Request, work: Callable[[LoadedModel, bytes, str | None, bool], Any]) -> Any:
         """Limits shared by both prediction routes: concurrency (503), media type (415), body size (413)."""
         model = live_model()  # read once: this request uses this model even if a swap happens meanwhile
         if app.state.in_flight >= max_in_flight:
@@ -492,30 +559,33 @@ def create_app(
             if not is_json(content_type):
                 raise Rejected(415, "send the rows as application/json")
             body = await read_body(request, max_bytes)
+            if len(body) <= INLINE_BYTES:
+                try:
+                    return work(model, body, content_type, True)
+                except NeedsThread:
+                    pass
             # Off the event loop: parsing, validation, features and prediction are CPU work.
-            return await run_in_threadpool(work, model, body, content_type)
+            return await run_in_threadpool(work, model, body, content_type, False)
         except Rejected as rejected:
             return rejected.response()
         finally:
             app.state.in_flight -= 1
 
-    def _answer(model: LoadedModel, values: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
-            "model": model.model,
-            "version": model.version,
-            **prediction_payload(model, values),
-            **(extra or {}),
-        }
+    def _answer(model: LoadedModel, values: Any, extra: dict[str, Any] | None = None) -> Response:
+        body = {"model": model.model, "version": model.version, **prediction_payload(model, values)}
+        return Response(orjson.dumps(body | (extra or {})), media_type="application/json")
 
-    def predict_features(model: LoadedModel, body: bytes, content_type: str | None) -> dict[str, Any]:
-        rows = parse_predict_body(body, content_type, model, max_bytes)
-        return _answer(model, predict_frame(model, rows_to_frame(rows, model)))
+    def predict_features(model: LoadedModel, body: bytes, content_type: str | None, inline: bool) -> Response:
+        matrix = encode_predict_body(body, content_type, model, max_bytes, holder.category_codes(model))
+        return _answer(model, predict_matrix(model, matrix))
 
-    def predict_raw(model: LoadedModel, body: bytes, content_type: str | None) -> Any:
-        from conveyor.tasks.inference import featurize_rows
+    def predict_raw(model: LoadedModel, body: bytes, content_type: str | None, inline: bool) -> Response:
+        from conveyor.tasks.inference import featurize_rows, request_problems
         from conveyor.tasks.scoring import encode_known
 
         rows = parse_json_rows(body, content_type, max_bytes)
+        if inline and model.version not in holder.featurizers:
+            raise NeedsThread  # the first request of a version builds its featurizer: reads the lookups
         try:
             featurizer = holder.featurizer(model)
         except Exception as exc:  # a model trained before specs: no raw route for it
@@ -526,7 +596,14 @@ def create_app(
         bad = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
         if bad:
             raise Rejected(422, _error(["body", "rows", bad[0]], "each row must be an object", "dict_type"))
-        features, problems = featurize_rows(featurizer, rows)
+        problems = request_problems(featurizer, rows)
+        fast = None if problems else holder.encoder(model).encode(rows)
+        if fast is not None:  # the spec over numpy arrays; None where only the pandas path can decide
+            matrix, problems = fast
+        elif not problems:
+            if inline:
+                raise NeedsThread  # pandas: milliseconds, not for the event loop
+            features, problems = featurize_rows(featurizer, rows)
         if problems:
             raise Rejected(
                 422,
@@ -535,9 +612,12 @@ def create_app(
                     for p in problems[:20]
                 ],
             )
-        values = predict_frame(
-            model, encode_known(features[model.features], model.categories)[model.features]
-        )
+        if fast is not None:
+            values = predict_matrix(model, matrix)
+        else:
+            values = predict_frame(
+                model, encode_known(features[model.features], model.categories)[model.features]
+            )
         # The lookups are the tables committed with the training data: their versions say how fresh they are.
         return _answer(model, values, {"lookup_versions": featurizer.lookup_versions})
 

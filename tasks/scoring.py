@@ -10,7 +10,9 @@ probability per class and the most probable class's name; regression, the value.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +144,73 @@ def rows_to_frame(rows: list[dict[str, Any]], model: LoadedModel) -> pd.DataFram
         else:
             data[name] = np.array([np.nan if v is None else v for v in values], dtype="float32")
     return encode_known(pd.DataFrame(data), model.categories)[model.features]
+
+
+_NUMBER_TYPES, _TEXT_TYPES = frozenset({int, float, type(None)}), frozenset({str, type(None)})
+_EXACT_INT = 2.0**53
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def category_codes(categories: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Each categorical feature's level -> its code (``encode``'s order), built once per loaded model."""
+    return {name: {level: float(i) for i, level in enumerate(levels)} for name, levels in categories.items()}
+
+
+def feature_matrix(rows: Any, model: LoadedModel, codes: dict[str, dict[str, float]]) -> np.ndarray | None:
+    """Request rows straight to the float32 matrix ``rows_to_frame`` gives, column by column in numpy.
+
+    None where any value is not plainly valid (a missing field, a wrong type, a number past float32 or
+    past float64's exact integers, a string that is not Unicode text): the caller then runs
+    :func:`validate_rows` for the 422, or ``rows_to_frame``. Never a different matrix.
+    """
+    if not isinstance(rows, list) or not rows or not all(type(r) is dict for r in rows):
+        return None
+    n, features = len(rows), model.features
+    out = np.empty((n, len(features)), dtype="float32")
+    try:
+        if len(features) == 1:
+            columns = [tuple(r[features[0]] for r in rows)]
+        else:
+            getter = operator.itemgetter(*features)
+            columns = list(zip(*map(getter, rows), strict=True))  # one tuple per feature
+        for j, (name, values) in enumerate(zip(features, columns, strict=True)):
+            types = set(map(type, values))
+            levels = codes.get(name)
+            if levels is not None:
+                if not types <= _TEXT_TYPES:
+                    return None
+                coded = np.fromiter(map(levels.get, values, itertools.repeat(np.nan)), "float64", n)
+                if int(np.isnan(coded).sum()) > values.count(None):  # unseen: missing, if it is text at all
+                    for v in values:
+                        if v is not None and v not in levels:
+                            v.encode("utf-8")
+                out[:, j] = coded
+                continue
+            if not types <= _NUMBER_TYPES:
+                return None
+            column = np.array(values, dtype="float64")  # None -> NaN
+            missing = np.isnan(column)
+            if int(missing.sum()) != values.count(None) or np.isinf(column).any():
+                return None  # a NaN or infinite number (the JSON fallback reads NaN and Infinity)
+            present = np.abs(column[~missing])
+            if (present > FLOAT32_MAX).any() or (int in types and (present >= _EXACT_INT).any()):
+                return None
+            out[:, j] = column
+    except (KeyError, UnicodeEncodeError, OverflowError):  # OverflowError: an integer past float64
+        return None
+    return out
+
+
+def predict_matrix(model: LoadedModel, matrix: np.ndarray) -> np.ndarray:
+    """:func:`predict_frame` for an encoded float32 matrix in the model's feature order."""
+    from conveyor.tasks.families import LinearModel
+
+    data = pd.DataFrame(matrix, columns=model.features) if isinstance(model.booster, LinearModel) else matrix
+    values = np.asarray(model.booster.inplace_predict(data), dtype="float64")
+    target = card_target(model.card)
+    return (
+        values.reshape(len(matrix), target.num_class) if target.task == "multiclass" else values.reshape(-1)
+    )
 
 
 def predict_frame(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:

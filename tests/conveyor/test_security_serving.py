@@ -26,13 +26,14 @@ from conveyor.serving import (
     Rejected,
     ServingConfigError,
     create_app,
+    encode_predict_body,
     parse_predict_body,
     start_in_thread,
 )
 from conveyor.store.registry import CHAMPION, ModelLoadError, register_card, set_alias
 from conveyor.store.storage import Store, write_bytes_atomic, write_json_atomic
 from conveyor.tasks.loading import LoadedModel, load_model
-from conveyor.tasks.scoring import rows_to_frame
+from conveyor.tasks.scoring import category_codes, feature_matrix, rows_to_frame
 from tests.support import wait_for
 
 TOKEN = "serving-token-for-tests-only"
@@ -455,3 +456,55 @@ def test_rows_are_accepted_exactly_when_every_number_fits_float32(batch) -> None
         _check_accepted(parsed)
     else:
         assert parsed.status == 422 and all(e["loc"][-1] in FEATURES for e in parsed.detail)
+
+
+def _encode(body: bytes) -> np.ndarray | Rejected:
+    try:
+        return encode_predict_body(
+            body, "application/json", PARSER_MODEL, LIMIT, category_codes(PARSER_MODEL.categories)
+        )
+    except Rejected as rejected:
+        return rejected
+
+
+def _same_as_the_frame_path(body: bytes) -> None:
+    """The route's numpy encoding gives rows_to_frame's matrix, or the very same rejection."""
+    expected, got = _parse(body), _encode(body)
+    if isinstance(expected, Rejected):
+        assert isinstance(got, Rejected) and (got.status, got.detail) == (expected.status, expected.detail)
+    else:
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, rows_to_frame(expected, PARSER_MODEL).to_numpy(dtype="float32"))
+
+
+@PROPERTY
+@given(batch=rows)
+def test_numpy_encoding_equals_the_frame_path_on_rows(batch) -> None:
+    _same_as_the_frame_path(json.dumps({"rows": batch}).encode())
+
+
+@PROPERTY
+@given(value=json_values)
+def test_numpy_encoding_equals_the_frame_path_on_any_json(value) -> None:
+    for document in (value, {"rows": value}, {"rows": [value]}):
+        _same_as_the_frame_path(json.dumps(document).encode())
+
+
+def test_plain_rows_take_the_numpy_path() -> None:
+    codes = category_codes(PARSER_MODEL.categories)
+    plain = [
+        ROW,
+        {"distance": 3, "temp": -2.5, "carrier": "UA"},
+        {"distance": None, "temp": 1e30, "carrier": "ZZ"},
+    ]
+    matrix = feature_matrix(plain, PARSER_MODEL, codes)
+    assert matrix is not None
+    np.testing.assert_array_equal(matrix, rows_to_frame(plain, PARSER_MODEL).to_numpy(dtype="float32"))
+    for odd in (
+        {"distance": True},
+        {"temp": float("nan")},
+        {"distance": 2**60},
+        {"carrier": 7},
+        {"temp": 1e39},
+    ):
+        assert feature_matrix([dict(ROW, **odd)], PARSER_MODEL, codes) is None  # validation words those

@@ -18,8 +18,7 @@ import pytest
 from conveyor.serving import ModelHolder, create_app, start_in_thread
 from conveyor.store.registry import CHAMPION, read_card, register_card, set_alias
 from conveyor.store.storage import write_bytes_atomic
-from conveyor.tasks.evaluate import predict_frame as evaluate_predict_frame
-from conveyor.tasks.train import categorize, load_booster
+from conveyor.tasks.train import categorize, load_booster, predict_dask
 from tests.support import MODEL, fresh_store, variant, wait_for
 
 TOKEN = "test-token-not-a-secret"
@@ -63,7 +62,7 @@ def test_predict_matches_the_evaluate_path(server, holdout_rows, pipeline_run, d
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["version"] == pipeline_run.trained.version and len(body["probabilities"]) == len(holdout_rows)
-    # Same rows through evaluate's path (categorize with the recorded categories + xgboost.dask).
+    # Same rows through the cluster's path (categorize with the recorded categories + xgboost.dask).
     import pandas as pd
 
     frame = pd.DataFrame(holdout_rows)
@@ -72,7 +71,7 @@ def test_predict_matches_the_evaluate_path(server, holdout_rows, pipeline_run, d
     encoded = categorize(dd.from_pandas(frame, npartitions=2), pipeline_run.trained.categories)
     booster = load_booster(pipeline_run.store, pipeline_run.trained.model_url)
     expected = np.asarray(
-        evaluate_predict_frame(dask_client, booster, encoded, pipeline_run.trained.features).compute()
+        predict_dask(dask_client, booster, encoded[pipeline_run.trained.features]).compute()
     )
     np.testing.assert_allclose(body["probabilities"], expected, rtol=1e-6, atol=1e-7)
     threshold = body["threshold"]

@@ -83,3 +83,28 @@ def test_openapi_lists_raw_fields_and_features_with_types_and_values(served, pip
     props = feats["properties"]["rows"]["items"]["properties"]
     assert set(props) == set(pipeline_run.cleaned.features)
     assert "LGA" in props["origin"]["enum"] and props["temp"]["type"] == ["number", "null"]
+
+
+def test_plain_requests_never_touch_pandas_on_either_route(served, pipeline_run, monkeypatch) -> None:
+    """The hot path: raw rows go through the spec over numpy, feature rows straight into a float32 matrix."""
+    import conveyor.tasks.inference as inference
+    import conveyor.tasks.scoring as scoring
+
+    client, _ = served
+    model = load_model(pipeline_run.store, MODEL, pipeline_run.trained.version)
+    features, _ = featurize_rows(featurizer_for_card(pipeline_run.store, model.card), [FLIGHT])
+    expected = predict_frame(model, encode_known(features[model.features], model.categories))
+    feature_row = {k: (None if v != v else v) for k, v in features[model.features].iloc[0].to_dict().items()}
+
+    def pandas_path(*args, **kwargs):
+        raise AssertionError("the pandas path served a plain request")
+
+    monkeypatch.setattr(inference, "featurize_rows", pandas_path)
+    monkeypatch.setattr(scoring, "rows_to_frame", pandas_path)
+    raw = client.post("/predict", json={"rows": [FLIGHT, dict(FLIGHT, tailnum=None)]})
+    feats = client.post("/predict/features", json={"rows": [feature_row]})
+    assert raw.status_code == 200 and feats.status_code == 200, (raw.text, feats.text)
+    assert raw.json()["probabilities"][0] == pytest.approx(float(expected[0]), abs=1e-6)
+    assert feats.json()["probabilities"][0] == pytest.approx(float(expected[0]), abs=1e-6)
+    rejected = client.post("/predict", json={"rows": [dict(FLIGHT, month=13)]})  # rules: the fast path too
+    assert rejected.status_code == 422 and "month outside 1..12" in rejected.json()["detail"][0]["msg"]

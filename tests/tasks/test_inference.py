@@ -11,9 +11,9 @@ import pytest
 from conveyor.store.registry import CHAMPION, read_alias
 from conveyor.store.storage import Store, open_manifest, read_dataset, read_dataset_pandas
 from conveyor.tasks import clean, deploy, evaluate, ingest, train
-from conveyor.tasks.inference import featurize_rows, featurizer_for_card, score_raw
+from conveyor.tasks.inference import FastEncoder, featurize_rows, featurizer_for_card, score_raw
 from conveyor.tasks.loading import load_model
-from conveyor.tasks.scoring import PREDICTION, PROBABILITY, encode_known, predict_frame
+from conveyor.tasks.scoring import PREDICTION, PROBABILITY, encode_known, predict_frame, predict_matrix
 from conveyor.tasks.spec import load_spec
 from tests.support import FLIGHT
 
@@ -67,6 +67,12 @@ def _check_three_paths(tmp_path: Path, store: Store, client, model_name: str, ke
     online["online"] = predict_frame(model, encode_known(features[model.features], model.categories)).reshape(
         len(raw), -1
     )[:, -1]
+    # served: what POST /predict computes (the spec over numpy arrays), unless it declines these rows
+    fast = FastEncoder(featurizer, model.features, model.categories).encode(records)
+    if fast is not None:
+        matrix, fast_problems = fast
+        assert fast_problems == []
+        online["served"] = predict_matrix(model, matrix).reshape(len(raw), -1)[:, -1]
 
     # batch: the same rows as a CSV file through score_raw on the cluster
     source = tmp_path / f"{featurizer.loaded.spec.main}.csv"
@@ -82,17 +88,17 @@ def _check_three_paths(tmp_path: Path, store: Store, client, model_name: str, ke
         frame = frame.astype({k: merged[k].dtype for k in keys})
         merged = merged.merge(frame, on=keys, how="inner")
     assert len(merged) >= SAMPLE * 0.9
-    gaps = {
-        "online": float(np.abs(merged["online"] - merged["evaluated"]).max()),
-        "batch": float(np.abs(merged["batch"] - merged["evaluated"]).max()),
-    }
-    assert gaps["online"] <= 1e-6 and gaps["batch"] <= 1e-6, gaps
-    return gaps | {"rows": len(merged)}
+    paths = ["online", "batch"] + (["served"] if fast is not None else [])
+    gaps = {p: float(np.abs(merged[p] - merged["evaluated"]).max()) for p in paths}
+    assert all(gap <= 1e-6 for gap in gaps.values()), gaps
+    return gaps | {"rows": len(merged), "served_fast_path": fast is not None}
 
 
 def test_flights_raw_online_batch_and_evaluation_agree(tmp_path, pipeline_run, dask_client) -> None:
     keys = load_spec("flights").spec.row_keys
-    print(_check_three_paths(tmp_path, pipeline_run.store, dask_client, pipeline_run.trained.model, keys))
+    gaps = _check_three_paths(tmp_path, pipeline_run.store, dask_client, pipeline_run.trained.model, keys)
+    assert gaps["served_fast_path"], "the serving fast path declined plain flights"
+    print(gaps)
 
 
 @pytest.fixture(scope="module")
