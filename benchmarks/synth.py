@@ -1,10 +1,12 @@
 """Synthetic flights at any scale, with the nycflights13 schema and its distributions.
 
-    python -m benchmarks.synth OUT_URL --rows 10_000_000 [--part-rows 1_000_000] [--seed 7]
+    python -m benchmarks.synth OUT_URL --rows 10_000_000 [--part-rows 1_000_000] [--seed 7] [--format csv.gz]
 
 Writes a source folder the pipeline reads like the real one: ``flights/`` as
-parquet parts (one part at a time, so memory stays bounded by ``--part-rows``)
-and the real ``weather``, ``planes``, ``airlines`` and ``airports`` tables.
+parquet parts (one part at a time, so memory stays bounded by ``--part-rows``),
+or with ``--format csv`` / ``csv.gz`` one ``flights.csv[.gz]`` text file written
+part by part (the shape of the flagship's zipped CSV, at scale), and the real
+``weather``, ``planes``, ``airlines`` and ``airports`` tables.
 
 Each synthetic flight is a real 2013 flight drawn at random (so carriers,
 routes, hours, weather at origin, planes and the cancelled flights' missing
@@ -93,12 +95,13 @@ def generate(
     seed: int = 7,
     storage_options: dict | None = None,
     progress: bool = True,
+    fmt: str = "parquet",
 ) -> SynthResult:
     from fsspec.core import url_to_fs
 
     started = time.perf_counter()
     fs, base = url_to_fs(out_url, **(storage_options or {}))
-    fs.makedirs(f"{base}/flights", exist_ok=True)
+    fs.makedirs(f"{base}/flights" if fmt == "parquet" else base, exist_ok=True)
     real = _typed_flights(_real("flights"))
     for name in ("weather", "planes", "airlines", "airports"):
         with fs.open(f"{base}/{name}.parquet", "wb") as fh:
@@ -113,8 +116,12 @@ def generate(
         part, n_invalid, n_dup = make_part(real, n, np.random.default_rng([seed, i]))
         invalid += n_invalid
         duplicates += n_dup
-        with fs.open(f"{base}/flights/part-{i:05d}.parquet", "wb") as fh:
-            part.to_parquet(fh, index=False, row_group_size=256_000)
+        if fmt == "parquet":
+            with fs.open(f"{base}/flights/part-{i:05d}.parquet", "wb") as fh:
+                part.to_parquet(fh, index=False, row_group_size=256_000)
+        else:  # one text file, appended part by part (gzip members concatenate into one valid stream)
+            with fs.open(f"{base}/flights.{fmt}", "ab" if i else "wb", compression="infer") as fh:
+                part.to_csv(fh, index=False, header=i == 0, na_rep="NA", date_format="%Y-%m-%dT%H:%M:%SZ")
         if progress:
             done = (i + 1) / parts
             bar = "#" * int(done * 30)
@@ -135,8 +142,12 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda s: int(s.replace("_", "")), required=True)
     parser.add_argument("--part-rows", type=lambda s: int(s.replace("_", "")), default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--format", choices=("parquet", "csv", "csv.gz"), default="parquet", help="flights as"
+    )
     args = parser.parse_args()
-    print(json.dumps(asdict(generate(args.out_url, args.rows, args.part_rows, args.seed))))
+    result = generate(args.out_url, args.rows, args.part_rows, args.seed, fmt=args.format)
+    print(json.dumps(asdict(result)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Variables (default, then what they bound):
 - ``CONVEYOR_MAX_WORKERS``: 2 x CPU cores, at least 4; ``n_workers``, search parallelism.
 - ``CONVEYOR_MAX_TIMEOUT_SECONDS`` (86400), ``CONVEYOR_MAX_RETRY_BACKOFF_SECONDS`` (600),
   ``CONVEYOR_MAX_POLL_SECONDS`` (3600): stage timeouts, first retry delay, poll intervals.
+- ``CONVEYOR_MAX_DECOMPRESSED_BYTES`` (16 GiB): what one compressed ingest source may inflate to.
 - ``CONVEYOR_SERVING_MAX_BODY_BYTES`` (16 MiB, 413 past it) and
   ``CONVEYOR_SERVING_MAX_CONCURRENCY`` (8 ``/predict`` requests in flight, 503 past it).
 
@@ -64,6 +65,8 @@ ENV_MAX_BODY_BYTES = "CONVEYOR_SERVING_MAX_BODY_BYTES"
 ENV_MAX_CONCURRENCY = "CONVEYOR_SERVING_MAX_CONCURRENCY"
 DEFAULT_MAX_BODY_BYTES = 16 << 20  # 10,000 rows of ~30 features fit in well under this
 DEFAULT_MAX_CONCURRENCY = 8
+ENV_MAX_DECOMPRESSED_BYTES = "CONVEYOR_MAX_DECOMPRESSED_BYTES"
+DEFAULT_MAX_DECOMPRESSED = 16 << 30  # a 100M-row flights CSV is about 9 GiB; a bomb is far past it
 
 LOCAL_SCHEMES = {"", "file", "local"}
 CLUSTER_KINDS = {"auto", "cpu", "gpu"}
@@ -89,6 +92,7 @@ class OperatorSettings:
     max_seconds: dict[str, float]
     max_body_bytes: int
     max_concurrency: int
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED
 
 
 def _split(raw: str) -> list[str]:
@@ -133,6 +137,7 @@ def current() -> OperatorSettings:
         max_seconds={k: _positive(ENV_MAX_SECONDS[k], v) for k, v in DEFAULT_MAX_SECONDS.items()},
         max_body_bytes=int(_positive(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES, int)),
         max_concurrency=int(_positive(ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, int)),
+        max_decompressed_bytes=int(_positive(ENV_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_DECOMPRESSED, int)),
     )
 
 

@@ -10,6 +10,7 @@ work; tasks pass small typed results (URLs, versions, counts), never dataframes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -270,20 +271,38 @@ def confine_spec(loaded: LoadedSpec, source_url: str | None) -> None:
             )
 
 
+SIZING_TIMEOUT_S = 10.0
+
+
 def source_bytes(params: PipelineParams) -> int | None:
-    """Bytes stored in the run's source tables (None when they cannot be listed: ingest says why)."""
+    """Bytes stored in the run's source tables, when ``cluster=auto`` needs them to pick in-process
+    workers; None when they are not needed or cannot be listed within SIZING_TIMEOUT_S (a hung store
+    is the ingest stage's to time out, with its own limit and error)."""
+    if params.cluster != "auto":
+        return None
     loaded = params.load_spec()
     confine_spec(loaded, params.source_url)  # list only what this run may read
-    total = 0
-    try:
+    found: dict[str, int] = {}
+
+    def measure() -> None:
+        total = 0
         for alias in loaded.spec.sources:
             options = options_for(params.source_url) if params.source_url else {}
             url = ingest_stage.table_url(loaded, alias, params.source_url, options)
             fs, path = url_to_fs(url, **options_for(url))
             total += int(fs.du(path)) if fs.isdir(path) else int(fs.size(path))
-    except Exception:  # a missing or unreadable source fails in the ingest stage, with its own error
-        return None
-    return total
+        found["bytes"] = total
+
+    def guarded() -> None:
+        try:
+            measure()
+        except Exception:  # a missing or unreadable source fails in the ingest stage, with its own error
+            pass
+
+    worker = threading.Thread(target=guarded, name="conveyor-source-size", daemon=True)
+    worker.start()
+    worker.join(SIZING_TIMEOUT_S)
+    return found.get("bytes")
 
 
 def pipeline(params: PipelineParams, address: str, restart_workers: bool | None = None) -> PipelineSummary:

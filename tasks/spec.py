@@ -235,6 +235,17 @@ class SourceSpec(_Model):
     format: Literal["auto", "csv", "parquet"] = "auto"
     columns: dict[str, Kind] = Field(description="declared column types; only these columns are read")
     na_values: list[str] = Field(default_factory=list, description="extra spellings of 'no value'")
+    encoding: str = Field("utf-8", description="text encoding of a CSV source (a Python codec name)")
+
+    @model_validator(mode="after")
+    def _known_encoding(self) -> SourceSpec:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {self.encoding!r} (use a Python codec name)") from None
+        return self
 
 
 class JoinSpec(_Model):

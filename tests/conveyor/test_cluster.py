@@ -55,3 +55,25 @@ def test_in_process_workers_run_in_this_process_without_a_dashboard() -> None:
     assert len(pids) == 2 and set(pids.values()) == {os.getpid()}
     with dask_cluster("auto", n_workers=1, data_bytes=None) as address, Client(address) as client:
         assert set(client.run(os.getpid).values()) != {os.getpid()}
+
+
+def test_the_source_is_sized_only_for_auto_and_never_waits_on_a_hung_store(monkeypatch) -> None:
+    import threading
+    import time
+
+    from conveyor.flows import training
+    from conveyor.flows.params import PipelineParams
+
+    assert training.source_bytes(PipelineParams()) > 1_000_000  # the packaged flights data
+    listed = threading.Event()
+
+    def hung(*_args, **_kwargs):
+        listed.set()
+        time.sleep(30)
+
+    monkeypatch.setattr(training.ingest_stage, "table_url", hung)
+    assert training.source_bytes(PipelineParams(cluster="cpu")) is None and not listed.is_set()
+    monkeypatch.setattr(training, "SIZING_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    assert training.source_bytes(PipelineParams()) is None and listed.is_set()
+    assert time.monotonic() - started < 10  # bounded by the sizing limit, not by the hung call

@@ -12,7 +12,13 @@ from tests.support import REPO_ROOT
 REPO = REPO_ROOT
 # Where each installed package's source lives (pyproject.toml's package-dir).
 ROOTS = {"conveyor": REPO / "conveyor", "conveyor.flows": REPO / "flows", "conveyor.tasks": REPO / "tasks"}
-LEAVES = ("conveyor.errors", "conveyor.settings", "conveyor.store", "conveyor.resources")
+LEAVES = (
+    "conveyor.errors",
+    "conveyor.settings",
+    "conveyor.store",
+    "conveyor.resources",
+    "conveyor.operator",
+)
 
 
 def modules() -> dict[str, Path]:
@@ -69,6 +75,12 @@ def violations(edges: dict[str, set[str]], all_imports: dict[str, set[str]]) -> 
                 and not _under(dst, "conveyor.store", "conveyor.errors", "conveyor.settings")
             ):
                 found.append(f"{src} -> {dst}: the store is a leaf")
+            if (
+                _under(src, "conveyor.operator")
+                and dst.startswith("conveyor.")
+                and dst != "conveyor.settings"
+            ):
+                found.append(f"{src} -> {dst}: the operator's settings are a leaf (stages read them)")
             if _under(src, "conveyor.flows") and _under(dst, "conveyor.cli"):
                 found.append(f"{src} -> {dst}: flows never import the CLI")
             if _under(src, "conveyor.serving") and _under(dst, "conveyor.flows"):
