@@ -118,6 +118,15 @@ def _is_parquet(url: str) -> bool:
     return url.endswith(".parquet") or not any(url.endswith(s) for s in SUFFIXES)
 
 
+def _unreadable(url: str, exc: Exception) -> Exception:
+    """What a failed first read of a source raises: our own errors and transient I/O errors as they are
+    (the retry policy must see the latter), anything else (corrupt, wrong format, permissions) as one
+    InputError naming the file."""
+    if isinstance(exc, InputError | ConnectionError | TimeoutError):
+        return exc
+    return InputError(url, None, f"cannot read file ({type(exc).__name__}: {exc})")
+
+
 def _present_columns(url: str, storage_options: dict[str, Any]) -> list[str]:
     fs, path = url_to_fs(url, **storage_options)
     try:
@@ -129,12 +138,8 @@ def _present_columns(url: str, storage_options: dict[str, Any]) -> list[str]:
                 return list(pq.read_schema(fh).names)
         with fs.open(path, "rb", compression="infer") as fh:
             return list(pd.read_csv(fh, nrows=0).columns)
-    except InputError:
-        raise
-    except (ConnectionError, TimeoutError):  # transient: let the retry policy see it
-        raise
-    except Exception as exc:  # unreadable: corrupt, wrong format, permissions
-        raise InputError(url, None, f"cannot read file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        raise _unreadable(url, exc) from None
 
 
 def _is_text(raw: pd.Series) -> bool:
@@ -653,12 +658,8 @@ def _probe(url: str, target: _Target) -> pd.DataFrame:
                 for c in schema.names
             }
         )
-    except InputError:
-        raise
-    except (ConnectionError, TimeoutError):  # transient: let the retry policy see it
-        raise
-    except Exception as exc:  # unreadable: corrupt, wrong format, permissions
-        raise InputError(url, None, f"cannot read file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        raise _unreadable(url, exc) from None
 
 
 def _empty_raw(schema: TableSchema) -> pd.DataFrame:

@@ -503,6 +503,32 @@ def fit(
     )
 
 
+def _train_early_stopped(
+    booster_params: dict[str, Any],
+    dtrain: Any,
+    dvalid: Any,
+    rounds: int,
+    early_stopping: int | None,
+    nthread: int,
+) -> tuple[Any, int, dict[str, float]]:
+    """``xgb.train`` in one process (in memory or external memory): the booster cut at its best round,
+    that round, and the validation metrics there."""
+    history: dict[str, Any] = {}
+    booster = xgb.train(
+        booster_params | {"nthread": nthread},
+        dtrain,
+        num_boost_round=rounds,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=early_stopping,
+        evals_result=history,
+        verbose_eval=False,
+    )
+    best = int(booster.best_iteration) if early_stopping else 0
+    if early_stopping:
+        booster = booster[: best + 1]
+    return booster, best, {m: float(history["valid"][m][best]) for m in booster_params["eval_metric"]}
+
+
 def _booster_on_worker(
     train_parts: list[pd.DataFrame],
     valid_parts: list[pd.DataFrame],
@@ -534,20 +560,9 @@ def _booster_on_worker(
         nthread=nthread,
         ref=dtrain,
     )
-    history: dict[str, Any] = {}
-    booster = xgb.train(
-        booster_params | {"nthread": nthread},
-        dtrain,
-        num_boost_round=rounds,
-        evals=[(dvalid, "valid")],
-        early_stopping_rounds=early_stopping,
-        evals_result=history,
-        verbose_eval=False,
+    booster, best, metrics = _train_early_stopped(
+        booster_params, dtrain, dvalid, rounds, early_stopping, nthread
     )
-    best = int(booster.best_iteration) if early_stopping else 0
-    if early_stopping:
-        booster = booster[: best + 1]
-    metrics = {m: float(history["valid"][m][best]) for m in booster_params["eval_metric"]}
     return bytes(booster.save_raw(raw_format="ubj")), best, metrics
 
 
@@ -739,20 +754,9 @@ def train_external(
         )
         if iters["valid"].rows == 0:
             raise ValueError(f"the valid slice of the {split.kind} split {split} is empty")
-        history: dict[str, Any] = {}
-        booster = xgb.train(
-            booster_params | {"nthread": nthread},
-            dtrain,
-            num_boost_round=rounds,
-            evals=[(dvalid, "valid")],
-            early_stopping_rounds=early_stopping,
-            evals_result=history,
-            verbose_eval=False,
+        booster, best, metrics = _train_early_stopped(
+            booster_params, dtrain, dvalid, rounds, early_stopping, nthread
         )
-        best = int(booster.best_iteration) if early_stopping else 0
-        if early_stopping:
-            booster = booster[: best + 1]
-        metrics = {m: float(history["valid"][m][best]) for m in booster_params["eval_metric"]}
         rows = {p: it.rows for p, it in iters.items()}
         del dtrain, dvalid  # free the page cache before its folder goes
     return bytes(booster.save_raw(raw_format="ubj")), best, metrics, rows
