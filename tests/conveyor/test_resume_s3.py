@@ -39,7 +39,7 @@ def test_flow_on_s3_matches_the_local_run(prefect_api, pipeline_run, s3_options,
     report = verify(Store.from_url("s3://conveyor-test/flights", s3_options))
     assert report.ok and report.checked >= 13
 
-    # Rerun with unchanged inputs: every stage with a committed output is skipped.
+    # Rerun with unchanged inputs: every stage with a committed output is skipped, the evaluation too.
     again = training(params)
-    assert again.reused == ["ingest", "clean", "train"]
+    assert again.reused == ["ingest", "clean", "train", "evaluate"]
     assert again.model_version == summary.model_version
