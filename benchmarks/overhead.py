@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
 
                 store_dir = work / f"flow-{i}"
                 shutil.rmtree(store_dir, ignore_errors=True)
+                # The operator's allowances for this benchmark's own store, source and scheduler.
+                os.environ["CONVEYOR_ALLOWED_STORAGE_PREFIXES"] = work.as_uri()
+                os.environ["CONVEYOR_ALLOWED_SOURCE_PREFIXES"] = work.as_uri()
+                os.environ["CONVEYOR_ALLOWED_SCHEDULERS"] = cluster.scheduler_address
                 params = PipelineParams(
                     storage_url=store_dir.as_uri(),
                     source_url=source.as_uri(),
