@@ -36,6 +36,7 @@ from conveyor.store.storage import (
     committed,
     content_version,
     open_manifest,
+    parquet_write_options,
     read_dataset,
     read_dataset_pandas,
 )
@@ -419,13 +420,7 @@ def clean(
 
     for target in (silver_url, q_url):
         clear_version(store, target)
-    write = {
-        "write_index": False,
-        "storage_options": store.options,
-        "compute": False,
-        "write_metadata_file": False,
-        "name_function": lambda i: f"part-{i:05d}.parquet",
-    }
+    write = parquet_write_options(store)
     dask.compute(silver_frame.to_parquet(silver_url, **write), rejected.to_parquet(q_url, **write))
 
     parts = dd.read_parquet(silver_url, columns=categorical or None, storage_options=store.options)

@@ -204,6 +204,7 @@ def score_raw(
         commit_dataset,
         committed,
         content_version,
+        parquet_write_options,
     )
     from conveyor.tasks.ingest import _present_columns, _read_raw, find_table
     from conveyor.tasks.scoring import _resolve, _result, card_target, predictions_extra
@@ -283,13 +284,7 @@ def score_raw(
         rejected = both[~both[REASON].isna()][[*keep, REASON]]
         for target_url in (out_url, q_url):
             clear_version(store, target_url)
-        write = {
-            "write_index": False,
-            "storage_options": store.options,
-            "compute": False,
-            "write_metadata_file": False,
-            "name_function": lambda i: f"part-{i:05d}.parquet",
-        }
+        write = parquet_write_options(store)
         dask.compute(scored.to_parquet(out_url, **write), rejected.to_parquet(q_url, **write))
         lineage = {
             "input": {"url": url, "fingerprint": fingerprint},

@@ -245,6 +245,18 @@ def _describe_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str, 
     return size, digest.hexdigest(), rows, schema
 
 
+def parquet_write_options(store: Store) -> dict[str, Any]:
+    """``dask.dataframe.to_parquet`` options for the parts of a version: ``part-00000.parquet`` names, no
+    index or ``_metadata`` file, not computed yet (the caller computes its writes together, then commits)."""
+    return {
+        "write_index": False,
+        "storage_options": store.options,
+        "compute": False,
+        "write_metadata_file": False,
+        "name_function": lambda i: f"part-{i:05d}.parquet",
+    }
+
+
 def clear_version(store: Store, url: str) -> None:
     """Remove leftovers of an earlier, uncommitted attempt at this version."""
     fs = store.fs
