@@ -19,11 +19,50 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 STAGES = ("ingest", "clean", "train", "evaluate")
+
+
+def _direct(cluster: Any, work: Path, i: int, source: Path, rows: int) -> tuple[dict, float, Any]:
+    from distributed import Client
+
+    from benchmarks.scale import PeakRss, run_stages
+    from conveyor.store.storage import Store
+
+    store_dir = work / f"direct-{i}"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    with PeakRss() as rss, Client(cluster) as client:  # closed before the flow runs: one client at a time
+        t0 = time.perf_counter()
+        direct = run_stages(Store.from_url(store_dir.as_uri()), client, source.as_uri(), rows)
+        total = time.perf_counter() - t0
+    shutil.rmtree(store_dir, ignore_errors=True)
+    return direct, total, rss
+
+
+def _flow(cluster: Any, work: Path, i: int, source: Path, training: Any) -> tuple[Any, float, Any]:
+    from benchmarks.scale import PeakRss
+    from conveyor.flows.params import PipelineParams
+
+    store_dir = work / f"flow-{i}"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    # The operator's allowances for this benchmark's own store, source and scheduler.
+    os.environ["CONVEYOR_ALLOWED_STORAGE_PREFIXES"] = work.as_uri()
+    os.environ["CONVEYOR_ALLOWED_SOURCE_PREFIXES"] = work.as_uri()
+    os.environ["CONVEYOR_ALLOWED_SCHEDULERS"] = cluster.scheduler_address
+    params = PipelineParams(
+        storage_url=store_dir.as_uri(), source_url=source.as_uri(), cluster=cluster.scheduler_address
+    )
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        summary = training(params)
+        total = time.perf_counter() - t0
+    shutil.rmtree(store_dir, ignore_errors=True)
+    return summary, total, rss
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,11 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     from distributed import Client, LocalCluster
 
     from benchmarks.common import synthetic_source
-    from benchmarks.scale import PeakRss, run_stages
     from conveyor.cluster import quiet_dask_logs
-    from conveyor.flows.params import PipelineParams
     from conveyor.prefect_api import drain_prefect, ensure_api, export, free_port
-    from conveyor.store.storage import Store
 
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-overhead-"))
@@ -62,36 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
             local_directory=str(work / "dask"),
         ) as cluster:
             for i in range(args.repeat):
-                store_dir = work / f"direct-{i}"
-                shutil.rmtree(store_dir, ignore_errors=True)
-                with (
-                    PeakRss() as rss,
-                    Client(cluster) as client,
-                ):  # closed before the flow runs: one client at a time
-                    t0 = time.perf_counter()
-                    direct = run_stages(
-                        Store.from_url(store_dir.as_uri()), client, source.as_uri(), args.rows
-                    )
-                    direct_total = time.perf_counter() - t0
-                shutil.rmtree(store_dir, ignore_errors=True)
-
-                store_dir = work / f"flow-{i}"
-                shutil.rmtree(store_dir, ignore_errors=True)
-                # The operator's allowances for this benchmark's own store, source and scheduler.
-                os.environ["CONVEYOR_ALLOWED_STORAGE_PREFIXES"] = work.as_uri()
-                os.environ["CONVEYOR_ALLOWED_SOURCE_PREFIXES"] = work.as_uri()
-                os.environ["CONVEYOR_ALLOWED_SCHEDULERS"] = cluster.scheduler_address
-                params = PipelineParams(
-                    storage_url=store_dir.as_uri(),
-                    source_url=source.as_uri(),
-                    cluster=cluster.scheduler_address,
-                )
-                with PeakRss() as flow_rss:
-                    t0 = time.perf_counter()
-                    summary = training(params)
-                    flow_total = time.perf_counter() - t0
-                shutil.rmtree(store_dir, ignore_errors=True)
+                # Both sides start on fresh workers (a restart frees what the other side left in worker
+                # memory), and the side that goes first alternates: neither inherits warm caches or a
+                # dirty heap from the other on every repeat.
+                for side in ("direct", "flow") if i % 2 == 0 else ("flow", "direct"):
+                    with Client(cluster) as client:
+                        client.restart()
+                    if side == "direct":
+                        direct, direct_total, rss = _direct(cluster, work, i, source, args.rows)
+                    else:
+                        summary, flow_total, flow_rss = _flow(cluster, work, i, source, training)
                 run = {
+                    "order": "direct first" if i % 2 == 0 else "flow first",
                     "direct_s": round(direct_total, 2),
                     "flow_s": round(flow_total, 2),
                     "ratio_total": round(flow_total / direct_total, 4),
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "ratio_total_best": min(r["ratio_total"] for r in runs),
         "four_stages_ratio_best": min(r["four_stages_ratio"] for r in runs),
+        "ratio_total_median": statistics.median(r["ratio_total"] for r in runs),
+        "four_stages_ratio_median": statistics.median(r["four_stages_ratio"] for r in runs),
+        "train_ratio_median": statistics.median(r["stages"]["train"]["ratio"] for r in runs),
     }
     from benchmarks.common import emit
 

@@ -17,6 +17,8 @@ Variables (default, then what they bound):
 - ``CONVEYOR_MAX_TIMEOUT_SECONDS`` (86400), ``CONVEYOR_MAX_RETRY_BACKOFF_SECONDS`` (600),
   ``CONVEYOR_MAX_POLL_SECONDS`` (3600): stage timeouts, first retry delay, poll intervals.
 - ``CONVEYOR_MAX_DECOMPRESSED_BYTES`` (16 GiB): what one compressed ingest source may inflate to.
+- ``CONVEYOR_MAX_IN_MEMORY_ROWS`` (20,000,000): the most silver rows trees train on in worker memory;
+  above it they train from external memory whatever ``training.external_memory_rows`` asks.
 - ``CONVEYOR_SERVING_MAX_BODY_BYTES`` (16 MiB, 413 past it) and
   ``CONVEYOR_SERVING_MAX_CONCURRENCY`` (8 ``/predict`` requests in flight, 503 past it).
 
@@ -67,6 +69,8 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20  # 10,000 rows of ~30 features fit in well und
 DEFAULT_MAX_CONCURRENCY = 8
 ENV_MAX_DECOMPRESSED_BYTES = "CONVEYOR_MAX_DECOMPRESSED_BYTES"
 DEFAULT_MAX_DECOMPRESSED = 16 << 30  # a 100M-row flights CSV is about 9 GiB; a bomb is far past it
+ENV_MAX_IN_MEMORY_ROWS = "CONVEYOR_MAX_IN_MEMORY_ROWS"
+DEFAULT_MAX_IN_MEMORY_ROWS = 20_000_000  # tasks/train.py's EXTERNAL_MEMORY_ROWS: 2 workers of 12 GiB
 
 LOCAL_SCHEMES = {"", "file", "local"}
 CLUSTER_KINDS = {"auto", "cpu", "gpu"}
@@ -93,6 +97,7 @@ class OperatorSettings:
     max_body_bytes: int
     max_concurrency: int
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED
+    max_in_memory_rows: int = DEFAULT_MAX_IN_MEMORY_ROWS
 
 
 def _split(raw: str) -> list[str]:
@@ -138,6 +143,7 @@ def current() -> OperatorSettings:
         max_body_bytes=int(_positive(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES, int)),
         max_concurrency=int(_positive(ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, int)),
         max_decompressed_bytes=int(_positive(ENV_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_DECOMPRESSED, int)),
+        max_in_memory_rows=int(_positive(ENV_MAX_IN_MEMORY_ROWS, DEFAULT_MAX_IN_MEMORY_ROWS, int)),
     )
 
 

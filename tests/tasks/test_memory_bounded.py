@@ -37,6 +37,14 @@ def test_the_engine_is_chosen_by_silver_rows() -> None:
     assert "external_memory_rows" not in train.TrainParams().identity()  # how, not what: same version
 
 
+def test_the_operator_bounds_the_rows_a_run_form_may_put_in_worker_memory(monkeypatch) -> None:
+    asks_for_more = train.TrainParams(external_memory_rows=10**12)  # a form value past the machines
+    assert asks_for_more.engine(30_000_000) == "external_memory"  # the default bound: 20M rows
+    monkeypatch.setenv("CONVEYOR_MAX_IN_MEMORY_ROWS", "1000")
+    assert asks_for_more.engine(1_001) == "external_memory" and asks_for_more.engine(1_000) == "dask"
+    assert train.TrainParams(external_memory_rows=10).engine(11) == "external_memory"  # less: allowed
+
+
 def test_silver_batches_are_the_encoded_slice(pipeline_run, tmp_path) -> None:
     store, cleaned = pipeline_run.store, pipeline_run.cleaned
     url, schema = cleaned.silver.url, cleaned.schema
