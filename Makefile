@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test lint ui serve-local benchmark lock clean
+.PHONY: venv run test lint ui stop serve-local benchmark lock clean
 
 venv: $(STAMP)
 
@@ -37,9 +37,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Browse the recorded runs (stop with Ctrl-C).
+# Browse the recorded runs (stop with Ctrl-C). A run leaves its server up for 30 min (the UI is then
+# already at http://127.0.0.1:4200); this one takes its place in the foreground.
 ui: $(STAMP)
+	@$(BIN)/conveyor server stop >/dev/null
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Stop the Prefect server a run left up.
+stop: $(STAMP)
+	$(BIN)/conveyor server stop
 
 # The quick set (minutes); benchmarks/README.md lists every script, its figures and the command for each.
 ROWS ?= 1000000
@@ -52,6 +58,7 @@ lock: $(STAMP)
 	$(BIN)/uv lock
 
 clean:
+	@test ! -x $(BIN)/conveyor || $(BIN)/conveyor server stop >/dev/null
 	rm -rf $(VENV) .prefect data .pytest_cache
 
 # The served setup on this machine: Prefect server + work pool + deployments + worker (Ctrl-C stops it).

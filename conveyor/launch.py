@@ -26,31 +26,41 @@ from conveyor.settings import PREFECT_PORT, prefect_home
 class Launched:
     result: Any
     ui_url: str
-    started_here: bool  # this call started the Prefect server (and stopped it unless kept)
+    started_here: bool  # this call started the Prefect server
+    kept: bool = False  # ... and left it running (conveyor.prefect_api.keep)
+    idle_minutes: float | None = None  # the kept server stops after this many idle minutes (None: never)
 
 
 def with_prefect(
     run: Callable[[], Any],
     port: int = PREFECT_PORT,
-    keep_server: bool = False,
-    prepare: Callable[[], Any] | None = None,
+    keep_server: bool | None = None,
+    prepare: Callable[[bool], Any] | None = None,
 ) -> Launched:
     """Call ``run`` (a flow) with one Prefect API exported for this process and its children.
 
-    A server this call must start boots while ``prepare`` runs (imports, parameter checks: seconds of
-    work that need no API), and ``run`` starts once it answers. Output is kept quiet
-    (conveyor.quiet): a user error is logged without a traceback.
+    A server this call must start boots while ``prepare(booting)`` runs (imports, parameter checks:
+    seconds of work that need no API; ``booting`` says a server is starting, so there is time to spare
+    until it answers), and ``run`` starts once it answers. Afterwards that server stays up for the
+    UI and the next command (whose start then skips the boot) until it has been idle for
+    CONVEYOR_KEEP_SERVER_MINUTES (default 30; 0 stops it when the command ends); ``keep_server`` True
+    keeps it until ``conveyor server stop``, False stops it now. Output is kept quiet (conveyor.quiet):
+    a user error is logged without a traceback.
     """
     from conveyor import quiet
-    from conveyor.prefect_api import drain_prefect, ensure_api, export, healthy
+    from conveyor.prefect_api import drain_prefect, ensure_api, export, healthy, keep, keep_minutes, touch
 
     quiet.install()
-    api = ensure_api(prefect_home(), port, wait=False)
+    minutes = keep_minutes()  # a bad setting fails before a server starts
+    home = prefect_home()
+    api = ensure_api(home, port, wait=False)
     started_here = api.started is not None
+    kept = started_here and (keep_server or (keep_server is None and minutes > 0))
+    idle = None if keep_server else minutes
     export(api)
     try:
         if prepare is not None:
-            prepare()  # a bad parameter fails here, before any flow run: reported by the caller
+            prepare(started_here)  # a bad parameter fails here, before any flow run: reported by the caller
         api.wait_ready()
         try:
             result = run()
@@ -58,11 +68,17 @@ def with_prefect(
             quiet.mark_logged(exc)  # the flow engine logged it
             raise
     finally:
-        if started_here and not keep_server:
-            if api.started is not None and api.started.poll() is None and healthy(api.url):
+        if started_here:
+            alive = api.started is not None and api.started.poll() is None and healthy(api.url)
+            if alive:
                 drain_prefect()
-            api.stop()
-    return Launched(result, api.ui_url, started_here)
+            if alive and kept:
+                keep(api, home, idle)
+            else:
+                api.stop()
+        else:
+            touch(home, api.url)  # a kept server's idle time starts again
+    return Launched(result, api.ui_url, started_here, kept, idle if kept else None)
 
 
 def _scalar(annotation: Any) -> type | None:

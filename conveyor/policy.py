@@ -261,11 +261,12 @@ def task_options(
         # Stages are idempotent by content version (conveyor/store/storage.py); Prefect's own
         # input hashing would only add cost and warnings about unhashable inputs.
         "cache_policy": NO_CACHE,
-        # One tag set for every CPU stage: the task engine asks the API for the tags' concurrency limits
-        # once per distinct set and caches "none". A tag per stage cost a call per stage, and on a busy
-        # local SQLite server such a call can get a 503 and a 2-second client retry (measured: 2.0 to
-        # 2.5 s of a 3 s rerun). The task's name already says the stage.
-        "tags": ["conveyor", *([GPU_TAG] if gpu and stage in GPU_STAGES else [])],
+        # No tag on CPU stages: for every tagged task run Prefect's task engine asks the API for
+        # concurrency slots (an increment-with-lease write; 3.8.8, task_engine.start). On the local
+        # SQLite server that write can get a 503 and a 2-second client retry: measured 1.8 s of a
+        # 2-second stall before evaluate on a first run. GPU stages carry GPU_TAG, whose limit is the
+        # number of GPUs. The task's name already says the stage.
+        "tags": [GPU_TAG] if gpu and stage in GPU_STAGES else [],
     }
 
 
@@ -357,8 +358,6 @@ def run_stage(
     from distributed import Client
 
     client = Client(address, timeout=connect_timeout) if address else None
-    if client is not None:
-        quiet.quiet_workers(client)  # no XGBoost rank lines from the workers
     outcome: dict[str, Any] = {}
     finished = threading.Event()
 

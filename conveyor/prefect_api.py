@@ -231,6 +231,9 @@ def ensure_api(home: Path, port: int = DEFAULT_PORT, wait: bool = True) -> Prefe
         if not healthy(configured, timeout=10):
             raise RuntimeError(f"PREFECT_API_URL={configured} does not answer /health")
         return PrefectApi(url=configured)
+    kept = kept_server(home)  # one server per Prefect home (its SQLite file), whatever port it took
+    if kept is not None and is_prefect_server(kept["url"]):
+        return PrefectApi(url=kept["url"])
     local = f"http://127.0.0.1:{port}/api"
     if is_prefect_server(local):  # adopt only a Prefect server; serve-local deploys and runs a worker on it
         return PrefectApi(url=local)
@@ -239,10 +242,203 @@ def ensure_api(home: Path, port: int = DEFAULT_PORT, wait: bool = True) -> Prefe
     return start_server(home, port, home / "server.log", wait=wait)
 
 
-if __name__ == "__main__":  # python -m conveyor.prefect_api template  (run by `make` once per install)
-    if sys.argv[1:] != ["template"]:
-        raise SystemExit("usage: python -m conveyor.prefect_api template")
-    print(f"prefect database template: {build_template()}")
+# A server a command started and left running (for the UI and the next run's fast start) is recorded
+# here, in its Prefect home, with the watchdog that stops it once idle. `conveyor server stop` ends both.
+STATE_FILE = "conveyor-server.json"
+KEEP_ENV = "CONVEYOR_KEEP_SERVER_MINUTES"
+DEFAULT_KEEP_MINUTES = 30.0
+WATCH_POLL_S = 15.0
+_DETACHED: list[subprocess.Popen] = []
+
+
+def keep_minutes() -> float:
+    """How long a server a command started stays up after the last run (CONVEYOR_KEEP_SERVER_MINUTES,
+    default 30; 0 stops it when the command ends)."""
+    raw = os.environ.get(KEEP_ENV, "").strip()
+    if not raw:
+        return DEFAULT_KEEP_MINUTES
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not 0 <= minutes <= 7 * 24 * 60:
+        raise ValueError(f"{KEEP_ENV}={raw!r}: give minutes between 0 and 10080 (0: stop after each command)")
+    return minutes
+
+
+def _state_path(home: Path) -> Path:
+    return home / STATE_FILE
+
+
+def read_state(home: Path) -> dict | None:
+    try:
+        state = json.loads(_state_path(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _identity(pid: int) -> tuple[float, list[str]] | None:
+    """(create time, command line) of a live process, None when it is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time(), proc.cmdline()
+    except psutil.Error:
+        return None
+
+
+def _record(proc: subprocess.Popen) -> dict:
+    """What identifies ``proc`` later: its pid, create time and command line once it has exec'd (a
+    freshly forked child still shows its parent's command line for a moment)."""
+    args = [str(a) for a in proc.args] if isinstance(proc.args, list | tuple) else []
+    deadline = time.monotonic() + 5.0
+    found = _identity(proc.pid)
+    while found is not None and found[1] != args and time.monotonic() < deadline:
+        time.sleep(0.01)
+        found = _identity(proc.pid)
+    created, cmdline = found or (0.0, [])
+    return {"pid": proc.pid, "created": created, "cmdline": cmdline}
+
+
+def _same_process(pid: int, recorded: dict) -> bool:
+    """Whether ``pid`` is still the process recorded (a reused pid is never signalled)."""
+    found = _identity(pid)
+    return found is not None and abs(found[0] - recorded["created"]) < 1.0 and found[1] == recorded["cmdline"]
+
+
+def _write_state(home: Path, state: dict) -> None:
+    path = _state_path(home)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, path)
+
+
+def touch(home: Path, url: str) -> None:
+    """A run used the kept server at ``url``: its idle time starts again."""
+    state = read_state(home)
+    if state and state.get("url") == url:
+        try:
+            os.utime(_state_path(home))
+        except OSError:
+            pass
+
+
+def keep(api: PrefectApi, home: Path, minutes: float | None) -> None:
+    """Leave the server ``api`` started running, recorded in ``home``; a watchdog process stops it after
+    ``minutes`` without a flow run (never when None)."""
+    proc = api.started
+    if proc is None or proc.poll() is not None:
+        return
+    state = {"url": api.url, "server": _record(proc), "idle_minutes": minutes, "watchdog": None}
+    _write_state(home, state)
+    if minutes is not None:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "conveyor.prefect_api", "watch", str(home)],
+            env=os.environ.copy() | QUIET_ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _DETACHED.append(watcher)  # outlives this process; never waited for here
+        state["watchdog"] = _record(watcher)
+        _write_state(home, state)
+    _DETACHED.append(proc)
+    api.started = None  # no longer this process's to stop
+
+
+def _active_runs(api_url: str) -> bool:
+    """Whether the API has a flow run that is not finished (scheduled, pending, running, paused...)."""
+    body = json.dumps(
+        {
+            "flow_runs": {
+                "state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]}}
+            },
+            "limit": 1,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{api_url.rstrip('/')}/flow_runs/filter",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return bool(json.loads(resp.read()))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _signal_group(recorded: dict, sig: int) -> bool:
+    if not _same_process(recorded["pid"], recorded):
+        return False
+    try:
+        os.killpg(os.getpgid(recorded["pid"]), sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _end(recorded: dict, timeout_s: float = 20.0) -> bool:
+    """SIGTERM the recorded process group, SIGKILL it after ``timeout_s``; True when one was signalled."""
+    if not _signal_group(recorded, signal.SIGTERM):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _identity(recorded["pid"]) is not None:
+        time.sleep(0.1)
+    if _identity(recorded["pid"]) is not None:
+        _signal_group(recorded, signal.SIGKILL)
+    return True
+
+
+def stop_kept(home: Path) -> str | None:
+    """Stop the server recorded in ``home`` and its watchdog; the stopped server's URL, None if none ran."""
+    state = read_state(home)
+    if state is None:
+        return None
+    watchdog = state.get("watchdog")
+    if watchdog and watchdog["pid"] != os.getpid():
+        _end(watchdog, timeout_s=5.0)
+    stopped = _end(state["server"])
+    try:
+        _state_path(home).unlink()
+    except FileNotFoundError:
+        pass
+    return state["url"] if stopped else None
+
+
+def kept_server(home: Path) -> dict | None:
+    """The state of the server kept in ``home`` when it is still running, else None."""
+    state = read_state(home)
+    if state is None or not _same_process(state["server"]["pid"], state["server"]):
+        return None
+    return state
+
+
+def watch(home: Path, poll_s: float = WATCH_POLL_S) -> None:
+    """Stop the kept server once no flow run has started, run or been touched for its idle minutes."""
+    while True:
+        state = kept_server(home)
+        if state is None or state.get("idle_minutes") is None:
+            return
+        idle_s = float(state["idle_minutes"]) * 60
+        path = _state_path(home)
+        try:
+            last = path.stat().st_mtime
+        except OSError:
+            return
+        if time.time() - last >= idle_s:
+            if _active_runs(state["url"]):
+                touch(home, state["url"])
+            else:
+                stop_kept(home)
+                return
+        time.sleep(min(poll_s, max(0.2, idle_s / 4)))
 
 
 def export(api: PrefectApi) -> None:
@@ -261,3 +457,12 @@ def drain_prefect(timeout: float = 10.0) -> None:
             worker.drain_all(timeout=timeout)
         except RuntimeError:  # never started in this process
             pass
+
+
+if __name__ == "__main__":  # python -m conveyor.prefect_api template  (run by `make` once per install)
+    if sys.argv[1:2] == ["watch"] and len(sys.argv) == 3:  # started by keep(): the idle stop
+        watch(Path(sys.argv[2]))
+        raise SystemExit(0)
+    if sys.argv[1:] != ["template"]:
+        raise SystemExit("usage: python -m conveyor.prefect_api template | watch PREFECT_HOME")
+    print(f"prefect database template: {build_template()}")

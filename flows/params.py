@@ -273,7 +273,8 @@ class TrainingOptions(BaseModel):
         ge=0,
         title="External memory above (rows)",
         description="Trees train from XGBoost's external memory (pages on a worker's disk, not in worker "
-        "memory) when the clean data has more rows than this; 0: always",
+        "memory) when the clean data has more rows than this; 0: always. The operator's "
+        "CONVEYOR_MAX_IN_MEMORY_ROWS bounds it",
     )
 
     random_forest: ForestOptions = Field(

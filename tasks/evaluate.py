@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from conveyor.store.storage import Store, write_bytes_atomic, write_json_atomic
 from conveyor.tasks.train import (
@@ -183,6 +182,8 @@ class EvaluationResult:
 
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn import metrics as skm
+
     precision, recall, thresholds = skm.precision_recall_curve(y, p)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return float(thresholds[int(np.argmax(f1[:-1]))]) if len(thresholds) else 0.5
@@ -199,6 +200,8 @@ def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS
 
 
 def score(y: np.ndarray, p: np.ndarray, threshold: float) -> Metrics:
+    from sklearn import metrics as skm
+
     p = np.clip(p, 1e-7, 1 - 1e-7)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
@@ -218,6 +221,8 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float) -> Metrics:
 
 def score_multiclass(y: np.ndarray, p: np.ndarray, classes: list[str]) -> MulticlassMetrics:
     """``y``: class codes; ``p``: one probability column per class, in code order."""
+    from sklearn import metrics as skm
+
     labels = list(range(len(classes)))
     p = np.clip(p, 1e-7, 1.0)
     p = p / p.sum(axis=1, keepdims=True)
@@ -243,6 +248,8 @@ def score_multiclass(y: np.ndarray, p: np.ndarray, classes: list[str]) -> Multic
 
 
 def score_regression(y: np.ndarray, p: np.ndarray) -> RegressionMetrics:
+    from sklearn import metrics as skm
+
     return RegressionMetrics(
         rmse=float(np.sqrt(skm.mean_squared_error(y, p))),
         mae=float(skm.mean_absolute_error(y, p)),
@@ -446,6 +453,8 @@ def _importance_plot(shares: dict[str, float]):
 
 
 def _binary_plots(y: np.ndarray, curves: dict[str, np.ndarray]) -> dict[str, Any]:
+    from sklearn import metrics as skm
+
     def roc(ax):
         for name, p in curves.items():
             fpr, tpr, _ = skm.roc_curve(y, p)

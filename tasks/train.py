@@ -25,13 +25,14 @@ registry) until deploy writes its ``card.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,8 +40,6 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import xgboost as xgb
-import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
 
 from conveyor.resources import gpu_count
 from conveyor.store.storage import (
@@ -199,8 +198,14 @@ class TrainParams:
         return {"family": self.family, "seed": self.seed, **self.hyperparameters()}
 
     def engine(self, silver_rows: int) -> str:
-        """``external_memory`` for trees on data above the threshold, else ``dask`` (in worker memory)."""
-        if self.family != "linear" and silver_rows > self.external_memory_rows:
+        """``external_memory`` for trees on data above the threshold, else ``dask`` (in worker memory).
+
+        The threshold is a request: the operator's CONVEYOR_MAX_IN_MEMORY_ROWS bounds it, so a run form
+        cannot put more rows in worker memory than the machines were sized for (it may ask for less)."""
+        from conveyor.operator import current
+
+        threshold = min(self.external_memory_rows, current().max_in_memory_rows)
+        if self.family != "linear" and silver_rows > threshold:
             return "external_memory"
         return "dask"
 
@@ -456,6 +461,9 @@ def fit(
     nothing of the candidate can land on another slot. The linear model's
     map-reduce runs where its partitions are, restricted to ``workers``.
     """
+    import xgboost as xgb
+    import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
+
     check_family(params.family, target.task)
     if params.family == "linear":
         return _fit_linear(client, frames, features, categories, params, workers, target.label)
@@ -513,6 +521,8 @@ def _train_early_stopped(
 ) -> tuple[Any, int, dict[str, float]]:
     """``xgb.train`` in one process (in memory or external memory): the booster cut at its best round,
     that round, and the validation metrics there."""
+    import xgboost as xgb
+
     history: dict[str, Any] = {}
     booster = xgb.train(
         booster_params | {"nthread": nthread},
@@ -540,6 +550,7 @@ def _booster_on_worker(
     early_stopping: int | None,
 ) -> tuple[bytes, int, dict[str, float]]:
     """Train one booster inside a Dask task with the worker's threads (one search candidate on its slot)."""
+    import xgboost as xgb
     from distributed import get_worker
 
     types = feature_types(features, categorical)
@@ -656,68 +667,82 @@ def _fit_linear(
     )
 
 
-class SilverBatches(xgb.DataIter):
-    """One slice of the silver parts as batches of encoded rows, read one at a time (external memory).
+@functools.cache
+def _silver_batches_class() -> type:
+    """:class:`SilverBatches`, defined on first use: xgboost is imported only by code that trains or
+    predicts (a rerun that reuses every stage never imports it, nor scikit-learn through it)."""
+    import xgboost as xgb
 
-    XGBoost calls :meth:`next` until it returns False, once to sketch the
-    quantiles and once to write its quantised pages; only the current batch
-    is held. Parts are read through the store's filesystem, so any store works.
-    """
+    class SilverBatches(xgb.DataIter):
+        """One slice of the silver parts as batches of encoded rows, read one at a time (external memory).
 
-    def __init__(
-        self,
-        store: Store,
-        parts: list[str],
-        split: SplitParams,
-        part: Literal["train", "valid", "holdout"],
-        features: list[str],
-        label: str,
-        categories: dict[str, list[str]],
-        cache_prefix: str,
-        on_host: bool = False,
-        batch_rows: int = EXTERNAL_BATCH_ROWS,
-    ):
-        self.store, self.parts, self.split, self.part = store, parts, split, part
-        self.features, self.label, self.categories = features, label, categories
-        self.batch_rows = batch_rows
-        self.rows = 0  # counted on the first pass
-        self._counting = True
-        self._batches: Iterator[pd.DataFrame] | None = None
-        super().__init__(cache_prefix=cache_prefix, release_data=True, on_host=on_host)
+        XGBoost calls :meth:`next` until it returns False, once to sketch the
+        quantiles and once to write its quantised pages; only the current batch
+        is held. Parts are read through the store's filesystem, so any store works.
+        """
 
-    def _read(self) -> Iterator[pd.DataFrame]:
-        import pyarrow.parquet as pq
+        def __init__(
+            self,
+            store: Store,
+            parts: list[str],
+            split: SplitParams,
+            part: Literal["train", "valid", "holdout"],
+            features: list[str],
+            label: str,
+            categories: dict[str, list[str]],
+            cache_prefix: str,
+            on_host: bool = False,
+            batch_rows: int = EXTERNAL_BATCH_ROWS,
+        ):
+            self.store, self.parts, self.split, self.part = store, parts, split, part
+            self.features, self.label, self.categories = features, label, categories
+            self.batch_rows = batch_rows
+            self.rows = 0  # counted on the first pass
+            self._counting = True
+            self._batches: Iterator[pd.DataFrame] | None = None
+            super().__init__(cache_prefix=cache_prefix, release_data=True, on_host=on_host)
 
-        key = FOLD if self.split.kind == "ratio" else self.split.time_key
-        columns = list(dict.fromkeys([key, *self.features, self.label]))
-        for url in self.parts:
-            with self.store.fs.open(self.store.path(url), "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=self.batch_rows, columns=columns):
-                    frame = batch.to_pandas()
-                    frame = frame[split_mask(frame, self.split, self.part)]
-                    if len(frame):
-                        yield encode(frame[[*self.features, self.label]], self.categories, self.features)
+        def _read(self) -> Iterator[pd.DataFrame]:
+            import pyarrow.parquet as pq
 
-    def next(self, input_data: Any) -> bool:
-        if self._batches is None:
-            self._batches = self._read()
-        frame = next(self._batches, None)
-        if frame is None:
-            self._counting = False
-            return False
-        if self._counting:
-            self.rows += len(frame)
-        input_data(
-            data=frame[self.features],
-            label=frame[self.label],
-            feature_types=feature_types(self.features, self.categories),
-        )
-        return True
+            key = FOLD if self.split.kind == "ratio" else self.split.time_key
+            columns = list(dict.fromkeys([key, *self.features, self.label]))
+            for url in self.parts:
+                with self.store.fs.open(self.store.path(url), "rb") as fh:
+                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=self.batch_rows, columns=columns):
+                        frame = batch.to_pandas()
+                        frame = frame[split_mask(frame, self.split, self.part)]
+                        if len(frame):
+                            yield encode(frame[[*self.features, self.label]], self.categories, self.features)
 
-    def reset(self) -> None:
-        if self._batches is not None:
-            self._batches.close()
-        self._batches = None
+        def next(self, input_data: Any) -> bool:
+            if self._batches is None:
+                self._batches = self._read()
+            frame = next(self._batches, None)
+            if frame is None:
+                self._counting = False
+                return False
+            if self._counting:
+                self.rows += len(frame)
+            input_data(
+                data=frame[self.features],
+                label=frame[self.label],
+                feature_types=feature_types(self.features, self.categories),
+            )
+            return True
+
+        def reset(self) -> None:
+            if self._batches is not None:
+                self._batches.close()
+            self._batches = None
+
+    return SilverBatches
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``train.SilverBatches`` without importing xgboost at import
+    if name == "SilverBatches":
+        return _silver_batches_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def train_external(
@@ -738,10 +763,12 @@ def train_external(
     Returns the model (UBJ), the kept round, the validation metrics at that
     round and the rows of the train and valid slices.
     """
+    import xgboost as xgb
+
     on_host = booster_params.get("device") == "cuda"  # GPU: pages in host memory; CPU: on disk
     with tempfile.TemporaryDirectory(prefix="conveyor-extmem-", dir=cache_dir) as cache:
         iters = {
-            p: SilverBatches(
+            p: _silver_batches_class()(
                 store, parts, split, p, features, label, categories, os.path.join(cache, p), on_host
             )
             for p in ("train", "valid")
@@ -914,8 +941,14 @@ def train(
     params: TrainParams = TrainParams(),
     split: SplitParams | None = None,
     model: str = "flights_late",
+    prepare_workers: Callable[[Any], None] | None = None,
 ) -> TrainResult:
-    """Train (or find already trained) ``params`` on the silver data; ``split`` defaults to the spec's."""
+    """Train (or find already trained) ``params`` on the silver data; ``split`` defaults to the spec's.
+
+    ``prepare_workers(client)`` runs just before trees train with ``xgboost.dask``, never when the model
+    is found committed: the flow installs its XGBoost log filter there (conveyor.quiet), which imports
+    xgboost on every worker (0.8 s of a 4-second rerun when it ran at every stage's start).
+    """
     schema = silver_schema(store, cleaned.silver.url)
     check_family(params.family, schema.task)
     split = split or schema.split_params()
@@ -930,6 +963,8 @@ def train(
     else:
         frames, rows = load_frames(store, client, cleaned, split)
         target = Target.of(schema)
+        if prepare_workers is not None and params.family != "linear":
+            prepare_workers(client)
         fitted = fit(client, frames, schema.features, schema.categories, params, device, target=target)
     seconds = time.perf_counter() - started
     return write_model(store, cleaned, params, split, model, device, fitted, rows, seconds, engine=engine)
@@ -937,6 +972,8 @@ def train(
 
 def load_raw(raw: bytes, model_file: str = MODEL_FILE) -> Any:
     """A model from its artifact bytes: an ``xgboost.Booster`` (UBJ) or a :class:`LinearModel` (JSON)."""
+    import xgboost as xgb
+
     if model_file == LINEAR_FILE:
         return LinearModel.from_bytes(raw)
     booster = xgb.Booster()
@@ -961,6 +998,9 @@ def predict_dask(client: Any, model: Any, frame: dd.DataFrame) -> dd.Series:
     Binary: the positive class's probability (a Series); multiclass: one
     probability column per class code (a DataFrame); regression: the values.
     """
+    import xgboost as xgb
+    import xgboost.dask  # noqa: F401  (``import xgboost`` does not import the dask module)
+
     if isinstance(model, xgb.Booster):
         return xgb.dask.inplace_predict(client, model, frame)
     return frame.map_partitions(

@@ -24,6 +24,9 @@ def pytest_configure(config: pytest.Config) -> None:
     roots = f"{REPO_ROOT / 'data'},{os.path.realpath(tempfile.gettempdir())},s3://conveyor-test"
     for kind in ("STORAGE", "SOURCE", "REPLICA"):
         os.environ.setdefault(f"CONVEYOR_ALLOWED_{kind}_PREFIXES", roots)
+    # A command that starts a Prefect server stops it when it ends (tests leave nothing listening);
+    # tests of the kept server set this themselves.
+    os.environ.setdefault("CONVEYOR_KEEP_SERVER_MINUTES", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,5 @@
 """``python -m conveyor.cli``: the ``conveyor`` command."""
 
-from conveyor.cli import main
+from conveyor.cli import entry
 
-raise SystemExit(main())
+entry()

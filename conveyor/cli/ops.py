@@ -2,6 +2,7 @@
 
 conveyor automations apply [--file deployments/automations.yaml] [--webhook-url URL]
 conveyor serve-local [--port 4200]
+conveyor server status | stop
 """
 
 from __future__ import annotations
@@ -39,6 +40,42 @@ def add_commands(sub: Any) -> None:
         "--port", type=int, default=PREFECT_PORT, help="Prefect server port (default: %(default)s)"
     )
     serve.set_defaults(handler=cmd_serve_local)
+
+    server = sub.add_parser("server", help="the local Prefect server a run left up for the UI (status, stop)")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    server_sub.add_parser("status", help="is a kept server running, where, until when").set_defaults(
+        handler=cmd_server_status
+    )
+    server_sub.add_parser("stop", help="stop the kept server and its idle watchdog now").set_defaults(
+        handler=cmd_server_stop
+    )
+
+
+def cmd_server_status(args: argparse.Namespace) -> int:
+    from conveyor.prefect_api import kept_server
+
+    home = prefect_home()
+    state = kept_server(home)
+    if state is None:
+        print(f"no kept Prefect server for {home}")
+        return 0
+    idle = state.get("idle_minutes")
+    until = "until `conveyor server stop`" if idle is None else f"until {idle:g} min without a run"
+    print(f"Prefect server {state['url'].removesuffix('/api')} (pid {state['server']['pid']}), up {until}")
+    return 0
+
+
+def cmd_server_stop(args: argparse.Namespace) -> int:
+    from conveyor.prefect_api import stop_kept
+
+    home = prefect_home()
+    url = stop_kept(home)
+    print(
+        f"stopped the Prefect server at {url.removesuffix('/api')}"
+        if url
+        else f"no kept Prefect server for {home}"
+    )
+    return 0
 
 
 @dataclass(frozen=True)

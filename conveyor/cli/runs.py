@@ -54,8 +54,22 @@ def add_commands(sub: Any) -> None:
     )
     run.add_argument("--summary-json", default=None, help="write the machine-readable run summary here")
     options.prefect(run)
-    run.add_argument(
-        "--keep-server", action="store_true", help="leave a Prefect server this command started running"
+    server = run.add_mutually_exclusive_group()
+    server.add_argument(
+        "--keep-server",
+        dest="keep_server",
+        action="store_const",
+        const=True,
+        default=None,
+        help="keep a Prefect server this command starts until `conveyor server stop` (default: it stops "
+        "after CONVEYOR_KEEP_SERVER_MINUTES, 30, without a run)",
+    )
+    server.add_argument(
+        "--stop-server",
+        dest="keep_server",
+        action="store_const",
+        const=False,
+        help="stop a Prefect server this command starts when the run ends",
     )
     options.debug(run)
     run.set_defaults(handler=cmd_run)
@@ -135,10 +149,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prepared: dict[str, Any] = {}
 
-    def prepare() -> None:  # while a local Prefect server starts
-        from conveyor.flows.training import training
+    def prepare(booting: bool) -> None:  # while a local Prefect server starts
+        from conveyor.flows.training import training, warm_imports
 
         prepared.update(params=build_params(args), flow=training)
+        if booting:
+            warm_imports()
 
     def run() -> Any:
         return prepared["flow"](prepared["params"])
@@ -152,14 +168,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
         print(f"  summary json      {path}")
-    if not launched.started_here or args.keep_server:
-        print(f"\nPrefect UI: {launched.ui_url}  (flow run {summary.flow_run_id})")
-    else:
-        print(
-            f"\nRuns are recorded in {prefect_home()}; browse them with `make ui` "
-            f"(prefect server start) at {launched.ui_url}"
-        )
+    print(f"\nPrefect UI: {launched.ui_url}  (flow run {summary.flow_run_id})")
+    print(server_note(launched))
     return 0
+
+
+def server_note(launched: Any) -> str:
+    """What happens to the local Prefect server a command started."""
+    if not launched.started_here:
+        return "  (a Prefect server that was already running)"
+    if not launched.kept:
+        return f"  server stopped; runs are recorded in {prefect_home()} (browse them with `make ui`)"
+    until = (
+        "until `conveyor server stop`"
+        if launched.idle_minutes is None
+        else f"for {launched.idle_minutes:g} min after the last run"
+    )
+    return f"  the server stays up {until}; `conveyor server stop` (or `make stop`) ends it now"
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The README command in a subprocess: exits 0, prints the summary, stops the Prefect server it started."""
+"""The README command in a subprocess: exits 0, prints the summary, keeps its Prefect server until stopped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from conveyor.prefect_api import _port_free, free_port
 from tests.support import REPO_ROOT
 
-NOISE = re.compile(r"Traceback|Warning|CancelledError|Error logging|Exception", re.IGNORECASE)
+NOISE = re.compile(r"Traceback|Warning|CancelledError|Error logging|Exception|got rank", re.IGNORECASE)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -38,6 +38,14 @@ def _conveyor(*args: str, env: dict[str, str], timeout: float) -> subprocess.Com
 def test_conveyor_run_end_to_end_is_clean(tmp_path: Path) -> None:
     port = free_port()
     summary_path = tmp_path / "summary.json"
+    env = _env(tmp_path) | {"CONVEYOR_KEEP_SERVER_MINUTES": "30"}  # the default a user gets
+    try:
+        _run_end_to_end(tmp_path, port, summary_path, env)
+    finally:
+        _conveyor("server", "stop", env=env, timeout=120)
+
+
+def _run_end_to_end(tmp_path: Path, port: int, summary_path: Path, env: dict[str, str]) -> None:
     proc = _conveyor(
         "run",
         "--storage-url",
@@ -54,7 +62,7 @@ def test_conveyor_run_end_to_end_is_clean(tmp_path: Path) -> None:
         str(summary_path),
         "--search-budget",
         "3",
-        env=_env(tmp_path),
+        env=env,
         timeout=540,
     )
     output = proc.stdout + proc.stderr
@@ -68,7 +76,14 @@ def test_conveyor_run_end_to_end_is_clean(tmp_path: Path) -> None:
         summary["search"]["candidates"] == 3 and "search" in proc.stdout
     )  # the search path, end to end, quietly
     assert (tmp_path / "store" / "models" / summary["model"] / "aliases" / "champion.json").exists()
-    assert _port_free(port), "the Prefect server started by the command is still listening"
+    # The server the command started stays up for the UI and the next run, until `conveyor server stop`.
+    assert not _port_free(port), "the Prefect server was not kept"
+    assert f"Prefect UI: http://127.0.0.1:{port}" in proc.stdout and "conveyor server stop" in proc.stdout
+    status = _conveyor("server", "status", env=env, timeout=60)
+    assert f"http://127.0.0.1:{port}" in status.stdout, status.stdout + status.stderr
+    stop = _conveyor("server", "stop", env=env, timeout=120)
+    assert stop.returncode == 0 and "stopped the Prefect server" in stop.stdout, stop.stdout + stop.stderr
+    assert _port_free(port), "`conveyor server stop` left the Prefect server listening"
 
 
 def test_bad_parameter_gets_one_clear_line(tmp_path: Path) -> None:

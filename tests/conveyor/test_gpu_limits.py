@@ -32,6 +32,9 @@ def test_only_gpu_stages_on_a_gpu_cluster_carry_the_tag() -> None:
     )  # reads files: CPU work even on a GPU cluster
     assert GPU_TAG not in task_options("deploy", gpu=True)["tags"]
     assert all(GPU_TAG not in task_options(s)["tags"] for s in ("clean", "train", "evaluate"))
+    # CPU stages carry no tag at all: each tagged task run asks the API for concurrency slots (a write that
+    # a busy local SQLite server can answer with a 503 and a 2-second client retry).
+    assert all(task_options(s)["tags"] == [] for s in ("ingest", "clean", "train", "evaluate", "deploy"))
 
 
 @pytest.fixture
