@@ -1,12 +1,17 @@
 """Train in worker memory (``xgboost.dask``) vs from external memory on the same silver data, then evaluate.
 
-    python -m benchmarks.external_memory --rows 10_000_000 [--workers 2] [--keep DIR] [--json PATH]
+    python -m benchmarks.external_memory --rows 10_000_000 [--rounds 60] [--workers 2] [--keep DIR]
 
 Synthetic flights (benchmarks/synth.py) are ingested and cleaned once; then
 each engine trains the default gbtree (forced by ``external_memory_rows``) and
 the model is evaluated on the holdout. Per engine: seconds and the peak RSS of
 the whole process tree (Dask workers included) for train and for evaluate, the
 kept round and the holdout AUC. The goal is the same AUC within 0.002.
+
+With early stopping (the default) the validation month picks the round, and that pick moves with the
+seed by more than the engines differ; ``--rounds N`` trains both engines N rounds with no early stop
+(patience N), so they are compared on the same amount of boosting; ``--no-sampling`` also turns row and
+column subsampling off (each engine draws its own random rows: one process vs one draw per worker).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda s: int(s.replace("_", "")), default=10_000_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=train_seed(), help="the booster's seed (row sampling)")
+    parser.add_argument("--rounds", type=int, default=None, help="train N rounds, no early stopping")
+    parser.add_argument("--no-sampling", action="store_true", help="subsample and colsample_bytree 1.0")
     parser.add_argument("--keep", default=None, help="folder to keep generated data in (reused when present)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -48,7 +55,14 @@ def main() -> None:
     quiet_dask_logs()
     work = Path(args.keep or tempfile.mkdtemp(prefix="conveyor-extmem-"))
     store_dir = work / f"store-extmem-{args.rows}"
-    result: dict = {"rows": args.rows, "workers": args.workers, "seed": args.seed, "engines": {}}
+    result: dict = {
+        "rows": args.rows,
+        "workers": args.workers,
+        "seed": args.seed,
+        "rounds": args.rounds or "early stopping",
+        "sampling": not args.no_sampling,
+        "engines": {},
+    }
     try:
         with (
             LocalCluster(
@@ -66,7 +80,12 @@ def main() -> None:
             ingested = ingest.ingest(store, client, source.as_uri())
             cleaned = clean.clean(store, ingested, client)
             for engine, threshold in ENGINES.items():
-                params = train.TrainParams(seed=args.seed, external_memory_rows=threshold)
+                fixed = {}
+                if args.rounds:  # no early stop: patience as long as the training
+                    fixed = {"num_boost_round": args.rounds, "early_stopping_rounds": args.rounds}
+                if args.no_sampling:
+                    fixed |= {"subsample": 1.0, "colsample_bytree": 1.0}
+                params = train.TrainParams(seed=args.seed, external_memory_rows=threshold, **fixed)
                 figures = {}
                 with PeakRss() as rss:
                     started = time.perf_counter()
