@@ -203,19 +203,26 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float) -> Metrics:
     from sklearn import metrics as skm
 
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    y = np.asarray(y)
+    pred = p >= threshold
+    positive = y == 1
+    # The label metrics from the confusion counts, as scikit-learn defines them (zero_division=0):
+    # one pass instead of four validated calls (tests/tasks/test_train_evaluate_deploy.py compares them).
+    tp = int(np.count_nonzero(pred & positive))
+    fp = int(np.count_nonzero(pred & ~positive))
+    fn = int(np.count_nonzero(~pred & positive))
+    tn = len(y) - tp - fp - fn
     return Metrics(
         roc_auc=float(skm.roc_auc_score(y, p)),
         log_loss=float(skm.log_loss(y, p, labels=[0, 1])),
-        brier=float(skm.brier_score_loss(y, p)),
+        brier=float(np.mean((p - y) ** 2)),
         calibration_error=calibration_error(y, p),
         threshold=float(threshold),
-        accuracy=float(skm.accuracy_score(y, pred)),
-        precision=float(skm.precision_score(y, pred, zero_division=0)),
-        recall=float(skm.recall_score(y, pred, zero_division=0)),
-        f1=float(skm.f1_score(y, pred, zero_division=0)),
-        confusion={"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+        accuracy=(tp + tn) / len(y),
+        precision=tp / (tp + fp) if tp + fp else 0.0,
+        recall=tp / (tp + fn) if tp + fn else 0.0,
+        f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        confusion={"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     )
 
 

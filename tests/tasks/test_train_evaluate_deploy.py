@@ -118,3 +118,21 @@ def test_metrics_helpers_on_known_values() -> None:
     assert calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == pytest.approx(0.0)
     assert 0.1 <= best_f1_threshold(y, p) <= 0.8
     json.dumps(dataclasses.asdict(m))  # reports and cards serialise metrics as JSON
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 1.01])  # 1.01: nothing predicted positive
+def test_label_metrics_are_scikit_learns(threshold: float) -> None:
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(7)
+    y = (rng.random(5_000) < 0.3).astype(int)
+    p = np.clip(0.25 * y + 0.75 * rng.random(5_000), 0, 1)
+    m = score(y, p, threshold)
+    pred = (np.clip(p, 1e-7, 1 - 1e-7) >= threshold).astype(int)
+    assert m.accuracy == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+    assert m.precision == pytest.approx(skm.precision_score(y, pred, zero_division=0), abs=1e-12)
+    assert m.recall == pytest.approx(skm.recall_score(y, pred, zero_division=0), abs=1e-12)
+    assert m.f1 == pytest.approx(skm.f1_score(y, pred, zero_division=0), abs=1e-12)
+    assert m.brier == pytest.approx(skm.brier_score_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), abs=1e-12)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    assert m.confusion == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
