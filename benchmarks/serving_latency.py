@@ -1,18 +1,22 @@
 """Serving latency and throughput of ``conveyor serve`` against the booster called directly in-process.
 
-Starts the real server (uvicorn, in a subprocess so it does not share the
-client's GIL) on a loopback port, drives it with a bounded load (a fixed
-number of requests from a few concurrent clients) for single rows and for
-batches of 1,000, and prints one JSON object: p50/p99 latency and throughput
+Starts the real server (``conveyor serve``, one worker process per core unless
+``--workers`` says otherwise, in a subprocess so it does not share the client's
+GIL) on a loopback port, drives it with a bounded load (a fixed number of
+requests from a few concurrent clients) for single rows and for batches of
+1,000, and prints one JSON object: p50/p99 latency and throughput
 for each, next to the same work done by ``Booster.inplace_predict`` on the
 already-encoded frame (``booster_direct``, the original baseline) and on the
 float32 matrix the server now builds (``booster_direct_numpy``, stricter),
 and the ratios to each. Request bodies are serialised once, up front. The ``raw`` section drives
 ``POST /predict`` with the same number of raw rows (bronze flights rows, as
 a client would send them; features computed by the server) and compares it
-with the feature-row route. The server is stopped by its pid.
+with the feature-row route. The batch is sent as columns (``{"columns": {...}}``,
+the README's batch format); ``batch.rows_body`` is the same batch sent as row
+objects. The server is stopped by its process group.
 
-    python -m benchmarks.serving_latency [--storage-url data] [--model flights_late] [--json out.json]
+    python -m benchmarks.serving_latency [--storage-url data] [--model flights_late] [--workers N]
+        [--json out.json]
 
 Needs a champion in the store (``make run`` makes one).
 """
@@ -111,7 +115,7 @@ def _drive(call: Callable[[], None], clients: int, per_client: int) -> tuple[lis
 TOKEN = "benchmark-" + os.urandom(8).hex()
 
 
-def _start_server(storage_url: str, model: str, port: int) -> subprocess.Popen:
+def _start_server(storage_url: str, model: str, port: int, workers: int | None) -> subprocess.Popen:
     # Serving is closed without a token: the benchmark serves with one of its own and sends it.
     env = os.environ.copy() | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "CONVEYOR_SERVING_TOKEN": TOKEN}
     return subprocess.Popen(
@@ -128,6 +132,7 @@ def _start_server(storage_url: str, model: str, port: int) -> subprocess.Popen:
             str(port),
             "--poll-seconds",
             "60",
+            *(["--workers", str(workers)] if workers else []),
         ],
         cwd=REPO,
         env=env,
@@ -148,14 +153,20 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run(
-    storage_url: str, model: str, clients: int, single_requests: int, batch_requests: int, batch_rows: int
+    storage_url: str,
+    model: str,
+    clients: int,
+    single_requests: int,
+    batch_requests: int,
+    batch_rows: int,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     import httpx
 
     from conveyor.flows.training import open_store
     from conveyor.prefect_api import free_port
     from conveyor.store.registry import read_alias
-    from conveyor.tasks.inference import FastEncoder, featurizer_for_card
+    from conveyor.tasks.inference import FastEncoder, feature_columns_matrix, featurizer_for_card
     from conveyor.tasks.loading import load_model
     from conveyor.tasks.scoring import category_codes, feature_matrix, predict_matrix, rows_to_frame
 
@@ -165,6 +176,7 @@ def run(
         raise SystemExit(f"no champion of {model} under {store.root}; run `make run` first")
     loaded = load_model(store, model, pointer.version)
     rows = _sample_rows(store, loaded.card, batch_rows)
+    columns = {name: [row[name] for row in rows] for name in loaded.features}
     featurizer = featurizer_for_card(store, loaded.card)
     encoder = FastEncoder(featurizer, loaded.features, loaded.categories)
     raw_rows = _raw_sample(store, loaded.card, featurizer, batch_rows)
@@ -180,6 +192,8 @@ def run(
         "clients": clients,
         "batch_rows": len(rows),
         "cpus": os.cpu_count(),
+        "workers": workers or "default (one per core)",
+        "batch_body": "columns",
     }
     predict = loaded.booster.inplace_predict
     direct = {
@@ -197,6 +211,11 @@ def run(
             single_requests // clients,
         ),
         "batch": _drive(
+            lambda: predict_matrix(loaded, feature_columns_matrix(columns, loaded.features, codes)),
+            clients,
+            batch_requests // clients,
+        ),
+        "batch_rows": _drive(
             lambda: predict_matrix(loaded, feature_matrix(rows, loaded, codes)),
             clients,
             batch_requests // clients,
@@ -212,7 +231,7 @@ def run(
     }
 
     port = free_port()
-    proc = _start_server(storage_url, model, port)
+    proc = _start_server(storage_url, model, port, workers)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -236,7 +255,8 @@ def run(
             resp.raise_for_status()
 
         # Bodies serialised once: a client's own JSON encoding is not the server's time.
-        single_payload, batch_payload = orjson.dumps({"rows": rows[:1]}), orjson.dumps({"rows": rows})
+        single_payload, batch_payload = orjson.dumps({"rows": rows[:1]}), orjson.dumps({"columns": columns})
+        batch_rows_payload = orjson.dumps({"rows": rows})
         raw_single, raw_batch = orjson.dumps({"rows": raw_rows[:1]}), orjson.dumps({"rows": raw_rows})
         for _ in range(20):
             post(single_payload)  # warm-up
@@ -244,6 +264,7 @@ def run(
         served = {
             "single": _drive(lambda: post(single_payload), clients, single_requests // clients),
             "batch": _drive(lambda: post(batch_payload), clients, batch_requests // clients),
+            "batch_rows": _drive(lambda: post(batch_rows_payload), clients, batch_requests // clients),
             "raw_single": _drive(lambda: post(raw_single, "/predict"), clients, single_requests // clients),
             "raw_batch": _drive(lambda: post(raw_batch, "/predict"), clients, batch_requests // clients),
         }
@@ -271,6 +292,18 @@ def run(
                 "throughput": round(s["rows_per_s"] / dn["rows_per_s"], 4),
             },
         }
+    # The batch above sends columns (README: "Batches as columns"); the same rows as row objects:
+    rows_s, rows_ip = _stats(*served["batch_rows"], len(rows)), _stats(*in_process["batch_rows"], len(rows))
+    direct_batch = result["batch"]["booster_direct"]
+    result["batch"]["rows_body"] = {
+        "served": rows_s,
+        "in_process_full_path": rows_ip,
+        "ratio_served_to_direct": {
+            "p50": round(rows_s["p50_ms"] / direct_batch["p50_ms"], 1),
+            "p99": round(rows_s["p99_ms"] / direct_batch["p99_ms"], 1),
+            "throughput": round(rows_s["rows_per_s"] / direct_batch["rows_per_s"], 4),
+        },
+    }
     raw_s, raw_b = _stats(*served["raw_single"], 1), _stats(*served["raw_batch"], len(rows))
     result["raw"] = {
         "single": {"served": raw_s, "in_process_full_path": _stats(*in_process["raw_single"], 1)},
@@ -296,10 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-requests", type=int, default=2000)
     parser.add_argument("--batch-requests", type=int, default=200)
     parser.add_argument("--batch-rows", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=None, help="server processes (default: one per core)")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
     result = run(
-        args.storage_url, args.model, args.clients, args.single_requests, args.batch_requests, args.batch_rows
+        args.storage_url,
+        args.model,
+        args.clients,
+        args.single_requests,
+        args.batch_requests,
+        args.batch_rows,
+        args.workers,
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,6 +1,6 @@
 """The model server: FastAPI under uvicorn, serving the champion and hot-reloading it safely.
 
-    conveyor serve --storage-url URL --model flights_late [--port 8000] [--poll-seconds 5]
+    conveyor serve --storage-url URL --model flights_late [--port 8000] [--poll-seconds 5] [--workers N]
 
 Endpoints: ``POST /predict`` takes raw rows shaped like the spec's main table
 (``{"rows": [{"carrier": "EV", "origin": "LGA", ...}]}``, no label) and
@@ -13,6 +13,15 @@ feature rows for clients that already hold feature vectors. ``GET /model``
 versions, never paths or error text), ``GET /openapi.json`` (both request
 bodies typed from the live model's card: every field, its type and allowed
 values).
+
+Both prediction routes also take a batch by column, ``{"columns": {"carrier": ["EV", "UA"],
+...}}`` (one list per field, one value per row), checked as its rows would be, with each 422 at
+``["body", "columns", field, row]``. Feature columns go straight into the model's matrix: a
+1,000-row batch parses and encodes in about half the time of the same rows as objects.
+
+``conveyor serve`` runs one server process per core (``--workers``): each loads the model, watches
+the alias and enforces the token and limits below on its own, and a batch's CPU work does not
+queue on one interpreter's lock. ``CONVEYOR_SERVING_MAX_CONCURRENCY`` applies per process.
 
 Closed by default: without ``CONVEYOR_SERVING_TOKEN`` the server refuses to
 start, unless ``--insecure-no-token`` says so explicitly, and then only on a
@@ -30,21 +39,23 @@ and smoke-tested *before* one reference swap makes it live, so a request sees
 either the old model or the new one, never a half-loaded one. A version that
 fails to load, for whatever reason, is never swapped in: the old model keeps
 serving, an alert of kind ``serving.reload_failed`` goes out once for that
-version, and ``/health`` says ``stale``. The watcher outlives any error.
+version (from each server process), and ``/health`` says ``stale``. The watcher outlives any error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import json
 import logging
 import math
 import os
-import re
+import socket
 import threading
 import time
-from collections.abc import Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +84,16 @@ JSON_TYPES = ("application/json",)
 # A body this small is a few rows: parsed, encoded and scored on the event loop in well under a
 # millisecond, quicker than the hop to a worker thread. Anything slower goes to the thread pool.
 INLINE_BYTES = 16_384
-LONG_INTEGER = re.compile(rb"[0-9]{19}")  # orjson reads integers past 64 bits as floats; json keeps them
+# Feature rows take numpy all the way: ~1,000 rows (160 KB as columns, 440 KB as rows) are a few
+# milliseconds of work. With one server process per core that is cheaper on the event loop than in
+# a thread, whose GIL handoffs with the loop cost ~1 ms of CPU per such request (measured).
+INLINE_FEATURE_BYTES = 524_288
+TOO_MANY_ROWS = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
+# orjson reads integers past 64 bits as floats; json keeps them. A body with a run of 19 digits goes
+# to json. The run is found in the body with every digit made "0" and all else " ": two C passes,
+# where a regex backtracks through every digit of every number (milliseconds for a batch).
+LONG_INTEGER = b"0" * 19
+DIGITS_AS_ZERO = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
 
 
 class ServingConfigError(RuntimeError):
@@ -253,7 +273,11 @@ def resolve_token(token: str | None = None, insecure_no_token: bool = False) -> 
 
 def check_bind(app: Any, host: str) -> None:
     """An app without a token may listen on loopback only."""
-    if getattr(app.state, "open_without_token", False) and not operator.is_loopback(host):
+    _check_host(getattr(app.state, "open_without_token", False), host)
+
+
+def _check_host(open_without_token: bool, host: str) -> None:
+    if open_without_token and not operator.is_loopback(host):
         raise ServingConfigError(f"without {TOKEN_ENV} the server listens on loopback only, not {host!r}")
 
 
@@ -320,7 +344,7 @@ def _value_errors(rows: Any, model: LoadedModel) -> list[Any]:
 def _loads(body: bytes) -> Any:
     """orjson where it reads the body as ``json`` would (most bodies, several times faster); else ``json``,
     whose errors and big integers the 422s and range checks are written against."""
-    if not LONG_INTEGER.search(body):
+    if LONG_INTEGER not in body.translate(DIGITS_AS_ZERO):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:  # NaN, lone surrogates, deep nesting, other encodings: json decides
@@ -340,11 +364,67 @@ def _decode_rows(body: bytes, content_type: str | None, max_bytes: int) -> Any:
         raise Rejected(422, _error(["body"], "JSON is nested too deeply", "json_invalid")) from None
     except ValueError:  # also UnicodeDecodeError, and integers past Python's 4300-digit limit
         raise Rejected(422, _error(["body"], "body is not valid JSON", "json_invalid")) from None
+    if isinstance(data, dict) and "columns" in data:
+        return _columns(data)
     rows = data.get("rows") if isinstance(data, dict) else data
     if isinstance(rows, list) and len(rows) > MAX_ROWS:
-        msg = f"at most {MAX_ROWS} rows per request; use `conveyor score` for batches"
-        raise Rejected(422, _error(["body", "rows"], msg, "too_long"))
+        raise Rejected(422, _error(["body", "rows"], TOO_MANY_ROWS, "too_long"))
     return rows
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A columnar body, ``{"columns": {"name": [one value per row, ...], ...}}``: every list one length."""
+
+    values: dict[str, list[Any]]
+    n: int
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The same batch as row objects, for validation and the general paths."""
+        names = list(self.values)
+        return [dict(zip(names, row, strict=True)) for row in zip(*self.values.values(), strict=True)]
+
+
+def _columns(data: dict[str, Any]) -> Columns:
+    """The columns of a columnar body, their shape checked; else :class:`Rejected` (422) naming the column."""
+    if "rows" in data:
+        raise Rejected(422, _error(["body"], "send rows or columns, not both", "value_error"))
+    columns = data["columns"]
+    if not isinstance(columns, dict) or not columns:
+        msg = "must be a non-empty object of field: list of values (one per row)"
+        raise Rejected(422, _error(["body", "columns"], msg, "dict_type"))
+    n = None
+    for name, values in columns.items():
+        if not isinstance(values, list):
+            msg = "must be a list of values, one per row"
+            raise Rejected(422, _error(["body", "columns", name], msg, "list_type"))
+        if n is None:
+            first, n = name, len(values)
+        elif len(values) != n:
+            msg = f"has {len(values)} values but '{first}' has {n}: every column holds one value per row"
+            raise Rejected(422, _error(["body", "columns", name], msg, "value_error"))
+    if not n:
+        raise Rejected(422, _error(["body", "columns"], "must hold at least one row", "too_short"))
+    if n > MAX_ROWS:
+        raise Rejected(422, _error(["body", "columns"], TOO_MANY_ROWS, "too_long"))
+    return Columns(columns, n)
+
+
+@contextmanager
+def _located_in_columns() -> Iterator[None]:
+    """Row checks run on a columnar body's rows: their 422s name ``["body", "columns", field, row]``."""
+    try:
+        yield
+    except Rejected as rejected:
+        if not isinstance(rejected.detail, list):
+            raise
+        details = []
+        for d in rejected.detail:
+            loc = d["loc"]
+            if len(loc) == 4 and loc[:2] == ["body", "rows"]:
+                d = d | {"loc": ["body", "columns", loc[3], loc[2]]}
+            details.append(d)
+        raise Rejected(rejected.status, details) from None
 
 
 def parse_predict_body(
@@ -352,7 +432,8 @@ def parse_predict_body(
 ) -> list[dict[str, Any]]:
     """The request's rows, validated against the model's schema; else :class:`Rejected` (413, 415, 422).
 
-    Pure and total over any bytes: the property tests feed it arbitrary input.
+    Pure and total over any bytes: the property tests feed it arbitrary input. A columnar body comes
+    back as its rows.
     """
     return _checked_rows(_decode_rows(body, content_type, max_bytes), model)
 
@@ -363,32 +444,51 @@ def encode_predict_body(
     model: LoadedModel,
     max_bytes: int,
     codes: dict[str, dict[str, float]],
+    fallback: bool = True,
 ) -> Any:
     """The request's rows as the model's float32 feature matrix; else :class:`Rejected` as
     :func:`parse_predict_body`. Plainly valid rows go straight into numpy; any other body takes
-    :func:`parse_predict_body` and ``rows_to_frame``, so errors and edge cases are theirs."""
+    :func:`parse_predict_body` and ``rows_to_frame``, so errors and edge cases are theirs (without
+    ``fallback``, :class:`NeedsThread` instead: that path is pandas, milliseconds per batch)."""
+    from conveyor.tasks.inference import feature_columns_matrix
     from conveyor.tasks.scoring import feature_matrix, rows_to_frame
 
     rows = _decode_rows(body, content_type, max_bytes)
-    matrix = feature_matrix(rows, model, codes)
+    if isinstance(rows, Columns):
+        matrix = feature_columns_matrix(rows.values, model.features, codes)
+    else:
+        matrix = feature_matrix(rows, model, codes)
     if matrix is not None:
         return matrix
+    if not fallback:
+        raise NeedsThread
     rows = _checked_rows(rows, model)
     return rows_to_frame(rows, model).to_numpy(dtype="float32")
 
 
 def _checked_rows(rows: Any, model: LoadedModel) -> list[dict[str, Any]]:
+    """The rows (a columnar body's as rows), valid for ``model``; else :class:`Rejected` (422)."""
     from conveyor.tasks.scoring import validate_rows
 
+    if isinstance(rows, Columns):
+        missing = [name for name in model.features if name not in rows.values]
+        if missing:
+            msgs = [(["body", "columns", name], f"field '{name}' is required") for name in missing]
+            raise Rejected(422, [{"loc": loc, "msg": msg, "type": "missing"} for loc, msg in msgs])
+        with _located_in_columns():
+            return _checked_rows(rows.rows(), model)
     errors = _value_errors(rows, model) or validate_rows(rows, model)
     if errors:
         raise Rejected(422, [e.detail() for e in errors])
     return rows
 
 
-def parse_json_rows(body: bytes, content_type: str | None, max_bytes: int) -> list[Any]:
-    """The ``rows`` list of a JSON body (413, 415 and 422 as :func:`parse_predict_body`), unvalidated."""
+def parse_json_rows(body: bytes, content_type: str | None, max_bytes: int) -> list[Any] | Columns:
+    """The ``rows`` list of a JSON body, or its :class:`Columns` (413, 415 and 422 as
+    :func:`parse_predict_body`), unvalidated."""
     rows = _decode_rows(body, content_type, max_bytes)
+    if isinstance(rows, Columns):
+        return rows
     if not isinstance(rows, list) or not rows:
         raise Rejected(422, _error(["body", "rows"], "must be a non-empty list of records", "list_type"))
     return rows
@@ -398,12 +498,21 @@ _JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "timestamp"
 
 
 def _rows_schema(properties: dict[str, Any], required: list[str], title: str) -> dict[str, Any]:
+    """``{"rows": [{field: value}, ...]}``, or the same batch as ``{"columns": {field: [value, ...]}}``."""
     row = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    rows = {"type": "array", "minItems": 1, "maxItems": MAX_ROWS}
+    columns = {
+        "type": "object",
+        "description": "the batch by column: one list per field, one value per row, every list one length",
+        "properties": {name: rows | {"items": prop} for name, prop in properties.items()},
+        "required": required,
+        "additionalProperties": False,
+    }
     return {
         "title": title,
         "type": "object",
-        "required": ["rows"],
-        "properties": {"rows": {"type": "array", "minItems": 1, "maxItems": MAX_ROWS, "items": row}},
+        "oneOf": [{"required": ["rows"]}, {"required": ["columns"]}],
+        "properties": {"rows": rows | {"items": row}, "columns": columns},
     }
 
 
@@ -548,7 +657,11 @@ def create_app(
             "card": model.card,
         }
 
-    async def guarded(request: Request, work: Callable[[LoadedModel, bytes, str | None, bool], Any]) -> Any:
+    async def guarded(
+        request: Request,
+        work: Callable[[LoadedModel, bytes, str | None, bool], Any],
+        inline_bytes: int = INLINE_BYTES,
+    ) -> Any:
         """Limits shared by both prediction routes: concurrency (503), media type (415), body size (413)."""
         model = live_model()  # read once: this request uses this model even if a swap happens meanwhile
         if app.state.in_flight >= max_in_flight:
@@ -559,7 +672,7 @@ def create_app(
             if not is_json(content_type):
                 raise Rejected(415, "send the rows as application/json")
             body = await read_body(request, max_bytes)
-            if len(body) <= INLINE_BYTES:
+            if len(body) <= inline_bytes:
                 try:
                     return work(model, body, content_type, True)
                 except NeedsThread:
@@ -576,14 +689,22 @@ def create_app(
         return Response(orjson.dumps(body | (extra or {})), media_type="application/json")
 
     def predict_features(model: LoadedModel, body: bytes, content_type: str | None, inline: bool) -> Response:
-        matrix = encode_predict_body(body, content_type, model, max_bytes, holder.category_codes(model))
+        codes = holder.category_codes(model)
+        fallback = not inline or len(body) <= INLINE_BYTES  # a batch's pandas path belongs in a thread
+        matrix = encode_predict_body(body, content_type, model, max_bytes, codes, fallback)
         return _answer(model, predict_matrix(model, matrix))
 
     def predict_raw(model: LoadedModel, body: bytes, content_type: str | None, inline: bool) -> Response:
+        rows = parse_json_rows(body, content_type, max_bytes)
+        if isinstance(rows, Columns):
+            with _located_in_columns():
+                return raw_rows(model, rows.rows(), inline)
+        return raw_rows(model, rows, inline)
+
+    def raw_rows(model: LoadedModel, rows: list[Any], inline: bool) -> Response:
         from conveyor.tasks.inference import featurize_rows, request_problems
         from conveyor.tasks.scoring import encode_known
 
-        rows = parse_json_rows(body, content_type, max_bytes)
         if inline and model.version not in holder.featurizers:
             raise NeedsThread  # the first request of a version builds its featurizer: reads the lookups
         try:
@@ -629,7 +750,7 @@ def create_app(
     @app.post("/predict/features", dependencies=[Depends(authorized)])
     async def predict_on_features(request: Request) -> Any:
         """Rows of the model's feature values (``GET /model`` lists them)."""
-        return await guarded(request, predict_features)
+        return await guarded(request, predict_features, INLINE_FEATURE_BYTES)
 
     return app
 
@@ -647,12 +768,13 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def uvicorn_config(app: Any, host: str, port: int, log_level: str = "warning") -> Any:
+def uvicorn_config(app: Any, host: str, port: int, log_level: str = "warning", **options: Any) -> Any:
+    """uvicorn's settings for this API; ``options`` (``workers``, ``factory``) pass through."""
     import uvicorn
 
     # No websockets: the API has none, and the websockets package warns on import.
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, ws="none", lifespan="on", access_log=False
+        app, host=host, port=port, log_level=log_level, ws="none", lifespan="on", access_log=False, **options
     )
 
 
@@ -679,6 +801,28 @@ def start_in_thread(
     return RunningServer(server, thread, f"http://{host}:{port}")
 
 
+def default_workers() -> int:
+    """One worker process per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_app(storage_url: str, model: str, alias: str, poll_seconds: float, insecure_no_token: bool) -> Any:
+    """The app of one server process: its own store, model holder and watcher.
+
+    ``conveyor serve --workers N`` has uvicorn spawn N processes that each call this. The token
+    and the operator's limits come from the environment every worker inherits, so each one
+    enforces them as a single-process server does.
+    """
+    from conveyor.resources import open_store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    holder = ModelHolder(open_store(storage_url), model, alias)
+    return create_app(holder, poll_seconds, insecure_no_token=insecure_no_token)
+
+
 def serve(
     storage_url: str,
     model: str,
@@ -688,18 +832,57 @@ def serve(
     poll_seconds: float = SERVING_POLL_SECONDS,
     log_level: str = "info",
     insecure_no_token: bool = False,
+    workers: int | None = None,
 ) -> None:
-    """Run the server in the foreground until interrupted (the ``conveyor serve`` command)."""
+    """Run the server in the foreground until interrupted (the ``conveyor serve`` command).
+
+    ``workers`` processes (default: one per core) share the port, so parsing, encoding and
+    prediction of concurrent requests do not queue on one interpreter's GIL.
+    """
     import uvicorn
 
-    from conveyor.resources import open_store
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    holder = ModelHolder(open_store(storage_url), model, alias)
-    app = create_app(holder, poll_seconds, insecure_no_token=insecure_no_token)
-    check_bind(app, host)
-    if app.state.open_without_token:
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ServingConfigError(f"--workers must be at least 1, not {workers}")
+    # Refused here, before any worker starts: no token (without --insecure-no-token), a weak one, a
+    # public address without one.
+    open_without_token = resolve_token(None, insecure_no_token) is None
+    _check_host(open_without_token, host)
+    if open_without_token:
         logger.warning(
             "serving WITHOUT a token (--insecure-no-token) on %s: anyone on this host can predict", host
         )
-    uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()
+    factory = functools.partial(worker_app, storage_url, model, alias, poll_seconds, insecure_no_token)
+    if workers == 1:
+        uvicorn.Server(uvicorn_config(factory(), host, port, log_level)).run()
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn_config(
+        factory, host, port, log_level, workers=workers, factory=True, loop=f"{__name__}:SharedSocketLoop"
+    )
+    Multiprocess(config, sockets=[_tcp_socket(config.bind_socket())]).run()
+
+
+class SharedSocketLoop(asyncio.SelectorEventLoop):
+    """The event loop of a server process that shares its listening socket with the others.
+
+    asyncio accepts every queued connection when the socket wakes it, so the first process to wake
+    takes a whole burst, and keep-alive connections stay where they land: with 3 of 4 clients on
+    one of two processes that one is the bottleneck. One accept per wake-up spreads a burst out.
+    """
+
+    def _accept_connection(
+        self, protocol_factory, sock, sslcontext=None, server=None, backlog=100, *args, **kw
+    ):  # type: ignore[no-untyped-def]
+        super()._accept_connection(protocol_factory, sock, sslcontext, server, 1, *args, **kw)
+
+
+def _tcp_socket(bound: socket.socket) -> socket.socket:
+    """``bound`` labelled IPPROTO_TCP. asyncio turns ``TCP_NODELAY`` on for a connection only when its
+    listening socket says so; uvicorn's bound socket says 0, and Nagle's algorithm then holds each
+    response ~40 ms for the client's delayed ACK."""
+    if bound.family not in (socket.AF_INET, socket.AF_INET6):
+        return bound
+    return socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -378,6 +379,61 @@ def featurize_rows(
                 RowProblem(int(i), _field_of(featurizer, str(why)), f"row would be quarantined: {why}")
             )
     return features, problems
+
+
+# --- online, feature columns: a batch of feature values straight into the model's matrix ----------
+
+
+def feature_columns_matrix(
+    columns: dict[str, list[Any]], features: list[str], codes: dict[str, dict[str, float]]
+) -> np.ndarray | None:
+    """Feature columns (name -> one value per row, every list one length) -> the float32 matrix
+    ``conveyor.tasks.scoring.rows_to_frame`` gives for the same rows; None where a value is not
+    plainly valid, as ``conveyor.tasks.scoring.feature_matrix`` declines it (and, in a batch holding
+    an integer, for any number past 2**53): the caller then takes the general path. Never a
+    different matrix.
+
+    One type pass per column and one numpy conversion for all numeric columns together: a batch
+    costs a few C loops over its values, not Python work per row.
+    """
+    from conveyor.tasks.scoring import _EXACT_INT, _NUMBER_TYPES, _TEXT_TYPES, FLOAT32_MAX
+
+    try:
+        n = len(columns[features[0]])
+        out = np.empty((n, len(features)), dtype="float32")
+        numeric, has_int = [], False
+        for j, name in enumerate(features):
+            values = columns[name]
+            types = set(map(type, values))
+            levels = codes.get(name)
+            if levels is None:
+                if not types <= _NUMBER_TYPES:
+                    return None
+                numeric.append(j)
+                has_int = has_int or int in types
+                continue
+            if not types <= _TEXT_TYPES:
+                return None
+            coded = np.fromiter(map(levels.get, values, itertools.repeat(np.nan)), "float64", n)
+            unknown = int(np.isnan(coded).sum())
+            if unknown and unknown > values.count(None):  # unseen: missing, if it is text at all
+                for v in values:
+                    if v is not None and v not in levels:
+                        v.encode("utf-8")
+            out[:, j] = coded
+        if numeric:
+            block = np.array([columns[features[j]] for j in numeric], dtype="float64")  # None -> NaN
+            missing = np.isnan(block)
+            for j, nans in zip(numeric, missing.sum(axis=1).tolist(), strict=True):
+                if nans and nans != columns[features[j]].count(None):
+                    return None  # a NaN number (the JSON fallback reads NaN), not a null
+            present = np.abs(np.where(missing, 0.0, block))
+            if not (present <= FLOAT32_MAX).all() or (has_int and (present >= _EXACT_INT).any()):
+                return None  # infinite, past float32, or an integer past float64's exact range
+            out[:, numeric] = block.T
+    except (KeyError, IndexError, UnicodeEncodeError, OverflowError):  # OverflowError: past float64
+        return None
+    return out
 
 
 # --- online, small batches: the same spec evaluated over numpy arrays -----------------------------

@@ -3,7 +3,8 @@
     conveyor models   [--model NAME] [--storage-url URL]
     conveyor promote  --model NAME --version V [--alias champion] [--expect V0] [--reason TEXT]
     conveyor rollback --model NAME [--to VERSION] [--storage-url URL]
-    conveyor serve    [--model NAME] [--port 8000] [--poll-seconds 5] [--insecure-no-token]
+    conveyor serve    [--model NAME] [--port 8000] [--poll-seconds 5] [--workers N]
+                      [--insecure-no-token]
 
 Storage credentials come from ``CONVEYOR_STORAGE_OPTIONS`` (never arguments)
 and are never printed. Handlers import their heavy modules themselves so
@@ -72,6 +73,12 @@ def add_commands(sub: Any) -> None:
         help="how often to check the alias (default: %(default)s)",
     )
     serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        help="server processes sharing the port (default: one per core)",
+    )
+    serve.add_argument(
         "--insecure-no-token",
         action="store_true",
         help="serve without CONVEYOR_SERVING_TOKEN (anyone who can connect may predict); loopback hosts only",
@@ -135,6 +142,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a number of processes (1 or more), not {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from conveyor.serving import serve
 
@@ -146,5 +163,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.port,
         args.poll_seconds,
         insecure_no_token=args.insecure_no_token,
+        workers=args.workers,
     )
     return 0

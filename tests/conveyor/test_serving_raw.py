@@ -69,6 +69,22 @@ def test_a_row_that_would_be_quarantined_is_a_422_naming_the_rule(served) -> Non
         assert detail["loc"] == ["body", "rows", 0, field] and words in detail["msg"], detail
 
 
+def test_raw_rows_sent_as_columns_score_the_same_and_422s_name_column_and_row(served) -> None:
+    client, _ = served
+    rows = [FLIGHT, dict(FLIGHT, carrier="DL", dest="ATL", tailnum=None)]
+    columns = {name: [row[name] for row in rows] for name in FLIGHT}
+    by_rows = client.post("/predict", json={"rows": rows})
+    by_columns = client.post("/predict", json={"columns": columns})
+    assert by_rows.status_code == 200 and by_columns.status_code == 200, by_columns.text
+    assert by_columns.json() == by_rows.json()
+    columns["carrier"] = ["EV", "ZZ"]
+    resp = client.post("/predict", json={"columns": columns})
+    assert resp.status_code == 422, resp.text
+    [detail] = resp.json()["detail"]
+    assert detail["loc"] == ["body", "columns", "carrier", 1], detail
+    assert "carrier not in the airlines table" in detail["msg"]
+
+
 def test_openapi_lists_raw_fields_and_features_with_types_and_values(served, pipeline_run) -> None:
     client, _ = served
     paths = client.get("/openapi.json").json()["paths"]
@@ -83,6 +99,9 @@ def test_openapi_lists_raw_fields_and_features_with_types_and_values(served, pip
     props = feats["properties"]["rows"]["items"]["properties"]
     assert set(props) == set(pipeline_run.cleaned.features)
     assert "LGA" in props["origin"]["enum"] and props["temp"]["type"] == ["number", "null"]
+    by_column = feats["properties"]["columns"]["properties"]  # the same batch as one list per feature
+    assert by_column["temp"]["items"] == props["temp"] and {"required": ["columns"]} in feats["oneOf"]
+    assert raw["properties"]["columns"]["properties"]["carrier"]["items"]["type"] == "string"
 
 
 def test_plain_requests_never_touch_pandas_on_either_route(served, pipeline_run, monkeypatch) -> None:
@@ -106,5 +125,7 @@ def test_plain_requests_never_touch_pandas_on_either_route(served, pipeline_run,
     assert raw.status_code == 200 and feats.status_code == 200, (raw.text, feats.text)
     assert raw.json()["probabilities"][0] == pytest.approx(float(expected[0]), abs=1e-6)
     assert feats.json()["probabilities"][0] == pytest.approx(float(expected[0]), abs=1e-6)
+    by_column = client.post("/predict/features", json={"columns": {k: [v] for k, v in feature_row.items()}})
+    assert by_column.status_code == 200 and by_column.json()["probabilities"] == feats.json()["probabilities"]
     rejected = client.post("/predict", json={"rows": [dict(FLIGHT, month=13)]})  # rules: the fast path too
     assert rejected.status_code == 422 and "month outside 1..12" in rejected.json()["detail"][0]["msg"]
