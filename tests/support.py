@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from conveyor.settings import DEFAULT_MODEL
 from conveyor.store.registry import CHAMPION, register_card, set_alias
-from conveyor.store.storage import Store, write_bytes_atomic
+from conveyor.store.storage import Store, write_bytes_atomic, write_json_atomic
 from conveyor.tasks import deploy as deploy_stage
 from conveyor.tasks import evaluate as evaluate_stage
 from conveyor.tasks import train as train_stage
@@ -144,3 +146,44 @@ def fake_versions(store: Store, *versions: str, model: str = MODEL) -> None:
         register_card(
             store, model, v, {"model": model, "version": v, "registered_at": v, "metrics": {"roc_auc": 0.7}}
         )
+
+
+# A 5-tree model on random data under its own name: serving tests that need a model, not the pipeline.
+TINY_MODEL = "tiny_model"
+TINY_FEATURES = ["distance", "temp", "carrier"]  # two numeric features, one categorical (as in the flagship)
+TINY_CATEGORIES = {"carrier": ["AA", "UA"]}
+
+
+def tiny_model(store: Store, version: str, seed: int = 0, card: dict | None = None) -> bytes:
+    """Train, write and register a 5-tree model on random data; returns its artifact bytes."""
+    import xgboost as xgb
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 3)).astype("float32")
+    x[:, 2] = rng.integers(0, 2, 200)
+    y = (x[:, 0] + rng.normal(size=200) > 0).astype(int)
+    data = xgb.DMatrix(
+        x, label=y, feature_names=TINY_FEATURES, feature_types=["q", "q", "c"], enable_categorical=True
+    )
+    raw = bytes(
+        xgb.train({"objective": "binary:logistic", "max_depth": 2, "nthread": 1}, data, 5).save_raw("ubj")
+    )
+    base = store.model_url(TINY_MODEL, version)
+    write_bytes_atomic(store, posixpath.join(base, "model.ubj"), raw)
+    info = {
+        "model_file": "model.ubj",
+        "model_bytes": len(raw),
+        "model_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    write_json_atomic(store, posixpath.join(base, "train.json"), info)
+    good = {
+        "model": TINY_MODEL,
+        "version": version,
+        "registered_at": version,
+        "features": TINY_FEATURES,
+        "categories": TINY_CATEGORIES,
+        "metrics": {"threshold": 0.5, "roc_auc": 0.7},
+        "model_file": "model.ubj",
+    }
+    register_card(store, TINY_MODEL, version, good | (card or {}))
+    return raw

@@ -7,10 +7,8 @@ its fixture's teardown.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import posixpath
 import signal
 import statistics
 import subprocess
@@ -34,16 +32,17 @@ from conveyor.serving import (
     encode_predict_body,
     start_in_thread,
 )
-from conveyor.store.registry import CHAMPION, register_card, set_alias
-from conveyor.store.storage import Store, write_bytes_atomic, write_json_atomic
+from conveyor.store.registry import CHAMPION, set_alias
+from conveyor.store.storage import Store
 from conveyor.tasks.loading import LoadedModel
 from conveyor.tasks.scoring import category_codes
+from tests.support import TINY_CATEGORIES as CATEGORIES
+from tests.support import TINY_FEATURES as FEATURES
+from tests.support import TINY_MODEL as MODEL
+from tests.support import tiny_model
 
 TOKEN = "serving-token-for-tests-only"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MODEL = "tiny_model"
-FEATURES = ["distance", "temp", "carrier"]  # two numeric features, one categorical (as in the flagship)
-CATEGORIES = {"carrier": ["AA", "UA"]}
 REPO = Path(__file__).resolve().parents[2]
 ROW = {"distance": 1.0, "temp": None, "carrier": "AA"}
 ROWS = [
@@ -52,40 +51,6 @@ ROWS = [
     {"distance": None, "temp": 1e30, "carrier": "ZZ"},  # an unseen carrier scores as missing
     {"distance": -0.5, "temp": 0.25, "carrier": None},
 ]
-
-
-def tiny_model(store: Store, version: str, seed: int = 0) -> None:
-    """Train, write and register a 5-tree model on random data."""
-    import xgboost as xgb
-
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(200, 3)).astype("float32")
-    x[:, 2] = rng.integers(0, 2, 200)
-    y = (x[:, 0] + rng.normal(size=200) > 0).astype(int)
-    data = xgb.DMatrix(
-        x, label=y, feature_names=FEATURES, feature_types=["q", "q", "c"], enable_categorical=True
-    )
-    raw = bytes(
-        xgb.train({"objective": "binary:logistic", "max_depth": 2, "nthread": 1}, data, 5).save_raw("ubj")
-    )
-    base = store.model_url(MODEL, version)
-    write_bytes_atomic(store, posixpath.join(base, "model.ubj"), raw)
-    info = {
-        "model_file": "model.ubj",
-        "model_bytes": len(raw),
-        "model_sha256": hashlib.sha256(raw).hexdigest(),
-    }
-    write_json_atomic(store, posixpath.join(base, "train.json"), info)
-    card = {
-        "model": MODEL,
-        "version": version,
-        "registered_at": version,
-        "features": FEATURES,
-        "categories": CATEGORIES,
-        "metrics": {"threshold": 0.5, "roc_auc": 0.7},
-        "model_file": "model.ubj",
-    }
-    register_card(store, MODEL, version, card)
 
 
 def _columns(rows: list[dict]) -> dict:
