@@ -405,15 +405,14 @@ def stop_kept(home: Path) -> str | None:
     state = read_state(home)
     if state is None:
         return None
-    watchdog = state.get("watchdog")
-    if watchdog and watchdog["pid"] != os.getpid():
-        _end(watchdog, timeout_s=5.0)
-    stopped = _end(state["server"])
-    try:
+    try:  # unrecorded first: a command starting now does not adopt a server about to stop
         _state_path(home).unlink()
     except FileNotFoundError:
         pass
-    return state["url"] if stopped else None
+    watchdog = state.get("watchdog")
+    if watchdog and watchdog["pid"] != os.getpid():
+        _end(watchdog, timeout_s=5.0)
+    return state["url"] if _end(state["server"]) else None
 
 
 def kept_server(home: Path) -> dict | None:
