@@ -20,7 +20,7 @@ venv: $(STAMP)
 # Re-synced only when the lockfile or pyproject changes: the second call is instant.
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install -qq --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv sync --frozen --compile-bytecode --python $(BIN)/python --quiet
 	@# A migrated empty Prefect database, copied into fresh Prefect homes (conveyor/prefect_api.py).
 	@$(BIN)/python -m conveyor.prefect_api template >/dev/null
