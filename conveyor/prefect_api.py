@@ -337,6 +337,10 @@ def keep(api: PrefectApi, home: Path, minutes: float | None) -> None:
     proc = api.started
     if proc is None or proc.poll() is not None:
         return
+    if not _DETACHED:
+        import atexit
+
+        atexit.register(_reap_detached)
     state = {"url": api.url, "server": _record(proc), "idle_minutes": minutes, "watchdog": None}
     _write_state(home, state)
     if minutes is not None:
@@ -353,6 +357,13 @@ def keep(api: PrefectApi, home: Path, minutes: float | None) -> None:
         _write_state(home, state)
     _DETACHED.append(proc)
     api.started = None  # no longer this process's to stop
+
+
+def _reap_detached() -> None:
+    """At exit: collect the exit status of a kept process that was stopped meanwhile (tests stop them), so
+    no "still running" warning names a process that is gone; one still running is kept on purpose."""
+    for proc in _DETACHED:
+        proc.poll()
 
 
 def _active_runs(api_url: str) -> bool:
