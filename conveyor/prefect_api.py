@@ -270,6 +270,13 @@ def keep_minutes() -> float:
     return minutes
 
 
+def kept_for(idle_minutes: float | None) -> str:
+    """How long a kept server stays up, in the words the commands print."""
+    if idle_minutes is None:
+        return "until `conveyor server stop`"
+    return f"for {idle_minutes:g} min after the last run"
+
+
 def _state_path(home: Path) -> Path:
     return home / STATE_FILE
 

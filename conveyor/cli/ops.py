@@ -52,15 +52,14 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:
-    from conveyor.prefect_api import kept_server
+    from conveyor.prefect_api import kept_for, kept_server
 
     home = prefect_home()
     state = kept_server(home)
     if state is None:
         print(f"no kept Prefect server for {home}")
         return 0
-    idle = state.get("idle_minutes")
-    until = "until `conveyor server stop`" if idle is None else f"until {idle:g} min without a run"
+    until = kept_for(state.get("idle_minutes"))
     print(f"Prefect server {state['url'].removesuffix('/api')} (pid {state['server']['pid']}), up {until}")
     return 0
 

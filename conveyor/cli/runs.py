@@ -175,22 +175,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def server_note(launched: Any) -> str:
     """What happens to the local Prefect server a command started."""
-    if not launched.started_here:
-        from conveyor.prefect_api import kept_server
+    from conveyor.prefect_api import kept_for, kept_server
 
+    if not launched.started_here:
         state = kept_server(prefect_home())
         if state is None or state["url"].removesuffix("/api") != launched.ui_url:
             return "  (a Prefect server that was already running)"
-        idle = state.get("idle_minutes")
-        until = "until `conveyor server stop`" if idle is None else f"for {idle:g} min after the last run"
+        until = kept_for(state.get("idle_minutes"))
         return f"  the server an earlier run left up stays up {until}; `conveyor server stop` ends it now"
     if not launched.kept:
         return f"  server stopped; runs are recorded in {prefect_home()} (browse them with `make ui`)"
-    until = (
-        "until `conveyor server stop`"
-        if launched.idle_minutes is None
-        else f"for {launched.idle_minutes:g} min after the last run"
-    )
+    until = kept_for(launched.idle_minutes)
     return f"  the server stays up {until}; `conveyor server stop` (or `make stop`) ends it now"
 
 
