@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -187,3 +190,23 @@ def tiny_model(store: Store, version: str, seed: int = 0, card: dict | None = No
     }
     register_card(store, TINY_MODEL, version, good | (card or {}))
     return raw
+
+
+def tiny_champion_store(root: Path) -> Store:
+    """A store under ``root`` whose champion is the tiny model, version ``v1``."""
+    store = Store.from_url(str(root / "store"))
+    tiny_model(store, "v1")
+    set_alias(store, TINY_MODEL, CHAMPION, "v1", "test set-up", expected=None, action="promote")
+    return store
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session (``start_new_session=True``) with everything it spawned:
+    SIGTERM to the group, SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -20,7 +20,16 @@ from conveyor.prefect_api import free_port
 from conveyor.store.maintenance import copy_root
 from conveyor.store.registry import CHAMPION, alias_history, read_alias, set_alias
 from conveyor.store.storage import Store, open_manifest
-from tests.support import MODEL, REPO_ROOT, allow_roots, fake_versions, file_stamps, fresh_store, wait_for
+from tests.support import (
+    MODEL,
+    REPO_ROOT,
+    allow_roots,
+    fake_versions,
+    file_stamps,
+    fresh_store,
+    stop_group,
+    wait_for,
+)
 
 TOKEN = "cli-test-token-not-a-secret"
 LABEL = "is_late"  # the flights spec's label (pipelines/flights.yaml)
@@ -215,13 +224,7 @@ def served(tmp_path, pipeline_run):
         wait_for(healthy, "conveyor serve to answer /health", timeout=120)
         yield url, store
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(proc)
         log.close()
     output = (tmp_path / "serve.log").read_text()
     # A clean stop: uvicorn finishes its shutdown, then exits by the signal it was sent.

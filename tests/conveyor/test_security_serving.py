@@ -37,7 +37,7 @@ from conveyor.tasks.scoring import category_codes, feature_matrix, rows_to_frame
 from tests.support import TINY_CATEGORIES as CATEGORIES
 from tests.support import TINY_FEATURES as FEATURES
 from tests.support import TINY_MODEL as MODEL
-from tests.support import tiny_model, wait_for
+from tests.support import tiny_champion_store, tiny_model, wait_for
 
 TOKEN = "serving-token-for-tests-only"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,10 +47,7 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    store = Store.from_url(str(tmp_path / "store"))
-    tiny_model(store, "v1")
-    set_alias(store, MODEL, CHAMPION, "v1", "test set-up", expected=None, action="promote")
-    return store
+    return tiny_champion_store(tmp_path)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from conveyor.tasks.scoring import category_codes
 from tests.support import TINY_CATEGORIES as CATEGORIES
 from tests.support import TINY_FEATURES as FEATURES
 from tests.support import TINY_MODEL as MODEL
-from tests.support import tiny_model
+from tests.support import stop_group, tiny_champion_store, tiny_model
 
 TOKEN = "serving-token-for-tests-only"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -59,10 +58,7 @@ def _columns(rows: list[dict]) -> dict:
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    store = Store.from_url(str(tmp_path / "store"))
-    tiny_model(store, "v1")
-    set_alias(store, MODEL, CHAMPION, "v1", "test set-up", expected=None, action="promote")
-    return store
+    return tiny_champion_store(tmp_path)
 
 
 @pytest.fixture
@@ -224,13 +220,7 @@ def workers(store, alert_receiver) -> Iterator[tuple[str, subprocess.Popen]]:
             time.sleep(0.2)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_group(proc)
         proc.stderr.close()
 
 
