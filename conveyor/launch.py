@@ -47,18 +47,29 @@ def with_prefect(
     keeps it until ``conveyor server stop``, False stops it now. Output is kept quiet (conveyor.quiet):
     a user error is logged without a traceback.
     """
-    from conveyor import quiet
-    from conveyor.prefect_api import drain_prefect, ensure_api, export, healthy, keep, keep_minutes, touch
+    from conveyor.prefect_api import (
+        drain_prefect,
+        ensure_api,
+        export,
+        healthy,
+        keep,
+        keep_minutes,
+        touch,
+        tune_flow_engine,
+    )
 
-    quiet.install()
     minutes = keep_minutes()  # a bad setting fails before a server starts
     home = prefect_home()
-    api = ensure_api(home, port, wait=False)
+    api = ensure_api(home, port, wait=False)  # first: the boot is the longest wait of a first run
     started_here = api.started is not None
     kept = started_here and (keep_server or (keep_server is None and minutes > 0))
     idle = None if keep_server else minutes
     export(api)
+    from conveyor import quiet  # imports distributed: 0.3 s the server boot no longer waits for
+
+    quiet.install()
     try:
+        tune_flow_engine()
         if prepare is not None:
             prepare(started_here)  # a bad parameter fails here, before any flow run: reported by the caller
         api.wait_ready()

@@ -7,7 +7,7 @@ emits ``conveyor.monitor.breach``, publishes a table artifact and alerts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -98,21 +98,38 @@ def check_clean_run(store: Store, cleaned: CleanResult, model: str, thresholds: 
         silver_version = read_json(store, info).get("silver_version") if exists(store, info) else None
         if silver_version:
             training = monitor.training_profile(store, dataset, silver_version, columns)
-    current = monitor.profile_dataset(
-        store,
-        cleaned.silver.url,
-        dataset,
-        cleaned.silver.version,
-        cleaned.rows_in,
-        cleaned.quarantine.rows,
-        columns,
-        reference=training,
-    )
+    if _profiled(training, cleaned, columns):
+        # The champion was trained on this very version, so its stored profile is this version's
+        # profile on the same bins (a committed version never changes): read, not recomputed.
+        current = replace(training, columns={c: training.columns[c] for c in columns})  # stored sorted
+    else:
+        current = monitor.profile_dataset(
+            store,
+            cleaned.silver.url,
+            dataset,
+            cleaned.silver.version,
+            cleaned.rows_in,
+            cleaned.quarantine.rows,
+            columns,
+            reference=training,
+        )
     if previous is not None and previous.version == current.version:
         previous = None  # the same version again: nothing new to compare
     report = monitor.check_data(current, thresholds, previous, training)
     monitor.save_profile(store, current)
     return report
+
+
+def _profiled(profile: monitor.DataProfile | None, cleaned: CleanResult, columns: list[str]) -> bool:
+    """``profile`` is the stored profile of the cleaned version itself, of the same columns and counts."""
+    return (
+        profile is not None
+        and profile.version == cleaned.silver.version
+        and profile.dataset == cleaned.silver.name
+        and (profile.rows, profile.rows_in, profile.quarantined)
+        == (cleaned.silver.rows, cleaned.rows_in, cleaned.quarantine.rows)
+        and set(profile.columns) == set(columns)
+    )
 
 
 @task(**task_options("monitor") | {"name": "monitor-data"})

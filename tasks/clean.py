@@ -28,6 +28,7 @@ import pandas as pd
 from conveyor.settings import DEFAULT_SPEC
 from conveyor.store.storage import (
     DatasetRef,
+    Manifest,
     StorageError,
     Store,
     clear_version,
@@ -54,6 +55,7 @@ from conveyor.tasks.spec import (
 )
 
 DUPLICATE = "exact duplicate of an earlier row"
+REASONS_KEY = "quarantine_reasons"  # rows per reason, in the quarantine manifest's extra
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,14 @@ def clean(
     for target in (silver_url, q_url):
         clear_version(store, target)
     write = parquet_write_options(store)
-    dask.compute(silver_frame.to_parquet(silver_url, **write), rejected.to_parquet(q_url, **write))
+    # The reasons are counted in the same pass as the writes (they share the marked partitions) and
+    # kept in the quarantine's manifest: a reused clean reads them there instead of the rows.
+    _, _, reason_counts = dask.compute(
+        silver_frame.to_parquet(silver_url, **write),
+        rejected.to_parquet(q_url, **write),
+        rejected[REASON].value_counts(),
+    )
+    reasons = _by_count(reason_counts)
 
     parts = dd.read_parquet(silver_url, columns=categorical or None, storage_options=store.options)
     levels = dask.compute({c: parts[c].dropna().unique() for c in categorical})[0] if categorical else {}
@@ -431,7 +440,7 @@ def clean(
             categories[cat.name] = sorted(set(categories[cat.name]) | lookups.members[cat.levels_from])
     schema = dataclasses.replace(schema, categories=categories)
     lineage = {"bronze": {k: v.bronze.version for k, v in ingested.tables.items()}, "spec": loaded.version}
-    q = commit_dataset(store, name, version, q_url, lineage | {"of": name})
+    q = commit_dataset(store, name, version, q_url, lineage | {"of": name}, extra={REASONS_KEY: reasons})
     extra = schema.to_extra() | {"spec_document": spec.model_dump(mode="json")}
     silver = commit_dataset(store, name, version, silver_url, lineage, extra=extra)
     return _result(store, silver, q, main_in.rows)
@@ -441,8 +450,24 @@ def quarantine_reasons(store: Store, quarantine: DatasetRef) -> dict[str, int]:
     """How many rows a committed quarantine version holds per reason, most frequent first."""
     if not quarantine.rows:
         return {}
-    counts = read_dataset(store, quarantine.url, columns=[REASON])[REASON].value_counts().compute()
-    return {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
+    counted = reasons_in(open_manifest(store, quarantine.url), quarantine)
+    if counted is not None:
+        return counted
+    # A version committed without its counts (or with counts that disagree with it): count the rows.
+    return _by_count(read_dataset(store, quarantine.url, columns=[REASON])[REASON].value_counts().compute())
+
+
+def reasons_in(manifest: Manifest, quarantine: DatasetRef) -> dict[str, int] | None:
+    """The counts a quarantine manifest keeps, or None if it keeps none that add up to its rows."""
+    counted = manifest.extra.get(REASONS_KEY)
+    if not isinstance(counted, dict) or sum(counted.values()) != quarantine.rows:
+        return None
+    return {str(k): int(v) for k, v in counted.items()}
+
+
+def _by_count(counts: pd.Series) -> dict[str, int]:
+    """Rows per reason, most frequent first."""
+    return {str(k): int(v) for k, v in counts.sort_values(ascending=False, kind="stable").items() if v}
 
 
 def _result(store: Store, silver: DatasetRef, q: DatasetRef, rows_in: int) -> CleanResult:

@@ -3,6 +3,8 @@ dropped."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -123,3 +125,28 @@ def test_rerun_finds_committed_versions(pipeline_run, dask_client) -> None:
     assert same.reused and not pipeline_run.cleaned.reused
     # Reused, not redone: no part or manifest was rewritten and none was added.
     assert [file_stamps(f) for f in folders] == before
+
+
+def test_a_reused_clean_reads_its_reasons_from_the_manifest(pipeline_run, dask_client, monkeypatch) -> None:
+    """The reasons are counted while cleaning and kept in the quarantine's manifest: finding the
+    committed version reads no quarantined row (it cost a Dask pass on every rerun)."""
+    store, cleaned = pipeline_run.store, pipeline_run.cleaned
+    stored = open_manifest(store, cleaned.quarantine.url).extra[clean.REASONS_KEY]
+    rows = read_dataset_pandas(store, cleaned.quarantine.url, [REASON])[REASON].value_counts()
+    assert stored == {str(k): int(v) for k, v in rows.items()} == cleaned.quarantine_reasons
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("a reused clean read the quarantined rows")
+
+    monkeypatch.setattr(clean, "read_dataset", no_rows)
+    same = clean.clean(store, pipeline_run.ingested, dask_client)
+    assert same.reused and same.quarantine_reasons == cleaned.quarantine_reasons
+
+
+def test_reasons_are_counted_from_the_rows_when_the_manifest_has_none(pipeline_run) -> None:
+    """A version committed before the counts were kept (or whose counts disagree with its rows)."""
+    store, cleaned = pipeline_run.store, pipeline_run.cleaned
+    real = open_manifest(store, cleaned.quarantine.url)
+    for extra in ({}, {clean.REASONS_KEY: {"made up": 1}}):
+        assert clean.reasons_in(dataclasses.replace(real, extra=extra), cleaned.quarantine) is None
+    assert clean.reasons_in(real, cleaned.quarantine) == cleaned.quarantine_reasons

@@ -165,3 +165,34 @@ def test_a_breach_emits_an_event_publishes_an_artifact_and_alerts(
     # The profile is stored: the next clean run compares its row count against this version.
     latest = monitor.latest_profile(pipeline_run.store, "silver_flights")
     assert latest is not None and latest.version == pipeline_run.cleaned.silver.version
+
+
+def test_the_version_the_champion_was_trained_on_is_read_not_profiled_again(
+    pipeline_run, dask_client, tmp_path, monkeypatch
+) -> None:
+    """A rerun on the champion's own silver version: its stored profile is this version's profile
+    on the same bins, so the checks read it (profiling it again cost a Dask pass per rerun)."""
+    import shutil
+
+    from conveyor.flows.monitoring import check_clean_run
+    from conveyor.store.storage import Store
+
+    source = pipeline_run.store
+    shutil.copytree(source.path(source.root), tmp_path / "store")
+    store = Store.from_url((tmp_path / "store").as_uri())
+    cleaned, model = pipeline_run.cleaned, pipeline_run.trained.model
+    first = check_clean_run(store, cleaned, model, Thresholds())
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled a version whose profile is stored")
+
+    monkeypatch.setattr(monitor, "profile_dataset", no_profiling)
+    again = check_clean_run(store, cleaned, model, Thresholds())
+    assert [(c.name, c.value) for c in again.checks] == [(c.name, c.value) for c in first.checks]
+    assert again.breaches == first.breaches == []
+    assert any(c.name.startswith("psi:") for c in again.checks)  # checked against the training data
+
+    # Another row count for the same version (a different quarantine): profiled again.
+    other = replace(cleaned, rows_in=cleaned.rows_in + 1)
+    with pytest.raises(AssertionError, match="profiled a version"):
+        check_clean_run(store, other, model, Thresholds())
