@@ -385,7 +385,10 @@ def featurize_rows(
 
 
 def feature_columns_matrix(
-    columns: dict[str, list[Any]], features: list[str], codes: dict[str, dict[str, float]]
+    columns: dict[str, list[Any]],
+    features: list[str],
+    codes: dict[str, dict[str, float]],
+    finite: bool = False,
 ) -> np.ndarray | None:
     """Feature columns (name -> one value per row, every list one length) -> the float32 matrix
     ``conveyor.tasks.scoring.rows_to_frame`` gives for the same rows; None where a value is not
@@ -394,7 +397,8 @@ def feature_columns_matrix(
     different matrix.
 
     One type pass per column and one numpy conversion for all numeric columns together: a batch
-    costs a few C loops over its values, not Python work per row.
+    costs a few C loops over its values, not Python work per row. ``finite``: the values hold no NaN
+    float (the parser refused them), so a NaN in the matrix is a null without counting the nulls.
     """
     from conveyor.tasks.scoring import _EXACT_INT, _NUMBER_TYPES, _TEXT_TYPES, FLOAT32_MAX
 
@@ -424,9 +428,10 @@ def feature_columns_matrix(
         if numeric:
             block = np.array([columns[features[j]] for j in numeric], dtype="float64")  # None -> NaN
             missing = np.isnan(block)
-            for j, nans in zip(numeric, missing.sum(axis=1).tolist(), strict=True):
-                if nans and nans != columns[features[j]].count(None):
-                    return None  # a NaN number (the JSON fallback reads NaN), not a null
+            if not finite:
+                for j, nans in zip(numeric, missing.sum(axis=1).tolist(), strict=True):
+                    if nans and nans != columns[features[j]].count(None):
+                        return None  # a NaN number (the JSON fallback reads NaN), not a null
             present = np.abs(np.where(missing, 0.0, block))
             if not (present <= FLOAT32_MAX).all() or (has_int and (present >= _EXACT_INT).any()):
                 return None  # infinite, past float32, or an integer past float64's exact range

@@ -237,7 +237,7 @@ def prediction_payload(model: LoadedModel, values: np.ndarray) -> dict[str, Any]
             "task": "binary",
             "threshold": model.threshold,
             "probabilities": values.tolist(),
-            "predictions": [int(p >= model.threshold) for p in values],
+            "predictions": (values >= model.threshold).astype(int).tolist(),
         }
     if target.task == "multiclass":
         classes = list(target.classes)

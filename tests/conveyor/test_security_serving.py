@@ -289,6 +289,52 @@ def test_bad_input_gets_4xx_never_500(served, body, content_type, status) -> Non
     assert client.post("/predict/features", json={"rows": [ROW]}).status_code == 200
 
 
+def test_the_declared_routes_answer_as_the_direct_handlers_do(store, alert_receiver, monkeypatch) -> None:
+    """A POST to a prediction route skips FastAPI's stack (``ServingApp.direct``); the same request
+    through FastAPI's declared route (the one the OpenAPI document lists) gets the same answer."""
+    from fastapi import FastAPI
+
+    monkeypatch.setenv("CONVEYOR_SERVING_MAX_BODY_BYTES", "4096")
+    direct_app = create_app(ModelHolder(store, MODEL), poll_seconds=0.05, token=TOKEN)
+    declared_app = create_app(ModelHolder(store, MODEL), poll_seconds=0.05, token=TOKEN)
+
+    async def through_fastapi(scope, receive, send) -> None:
+        await FastAPI.__call__(declared_app, scope, receive, send)
+
+    through_fastapi.state = declared_app.state
+    requests = [
+        ("/predict/features", {"json": {"rows": [ROW]}}),
+        ("/predict/features", {"json": {"columns": {name: [value] for name, value in ROW.items()}}}),
+        ("/predict/features", {"json": {"rows": [ROW]}, "headers": {"Authorization": "Bearer wrong"}}),
+        ("/predict/features", {"json": {"rows": [ROW]}, "headers": {"Authorization": ""}}),
+        ("/predict/features", {"content": b'{"rows": []', "headers": JSON}),
+        (
+            "/predict/features",
+            {"content": json.dumps({"rows": [ROW]}), "headers": {"Content-Type": "text/plain"}},
+        ),
+        ("/predict/features", {"content": b" " * 5000, "headers": JSON}),
+        ("/predict/features", {"json": {"rows": [dict(ROW, distance=True)]}}),
+        ("/predict", {"json": {"rows": [ROW]}}),  # a model without a spec: feature rows only (409)
+    ]
+    direct, declared = start_in_thread(direct_app), start_in_thread(through_fastapi)
+    try:
+        answers = []
+        for running in (direct, declared):
+            with httpx.Client(base_url=running.url, headers=AUTH, timeout=60) as client:
+                responses = [client.post(path, **kwargs) for path, kwargs in requests]
+            answers.append(
+                [
+                    (r.status_code, r.json(), r.headers.get("www-authenticate"), r.headers["content-type"])
+                    for r in responses
+                ]
+            )
+    finally:
+        direct.stop()
+        declared.stop()
+    assert [a[0] for a in answers[0]] == [200, 200, 401, 401, 422, 415, 413, 422, 409]
+    assert answers[0] == answers[1]
+
+
 def test_float32_bounds_are_inclusive(served) -> None:
     client, _, _ = served
     edge = dict(ROW, distance=FLOAT32_MAX, temp=-FLOAT32_MAX)

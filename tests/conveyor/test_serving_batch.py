@@ -303,3 +303,106 @@ def test_workers_answer_small_requests_without_nagle_delays(workers) -> None:
             assert client.post("/predict/features", json={"rows": [ROW]}).status_code == 200
             timings.append(time.perf_counter() - t0)
     assert statistics.median(timings) < 0.025, timings
+
+
+def test_a_busy_worker_leaves_new_connections_to_a_free_one() -> None:
+    """Four clients connecting at once to two workers sharing a socket: two each, not 3:1 or 4:0.
+
+    Each worker is an event loop in its own thread (``time.sleep`` stands for a request's CPU work,
+    which holds a worker's loop as inline work does); both listen on one socket, as the processes of
+    ``conveyor serve --workers 2`` do.
+    """
+    import asyncio
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    served_by: list[int] = []
+    transports: list[asyncio.Transport] = []
+
+    class Busy(asyncio.Protocol):
+        def __init__(self, worker: int) -> None:
+            self.worker = worker
+
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            transports.append(transport)
+
+        def data_received(self, data: bytes) -> None:
+            time.sleep(0.1)
+            served_by.append(self.worker)
+            self.transport.write(b"ok")
+
+    loops = [SharedSocketLoop(), SharedSocketLoop()]
+    servers = [
+        loop.run_until_complete(
+            loop.create_server(lambda i=i: Busy(i), sock=socket.socket(fileno=os.dup(listener.fileno())))
+        )
+        for i, loop in enumerate(loops)
+    ]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    clients = []
+    try:
+        clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(4)]
+        for client in clients:
+            client.sendall(b"x")
+        assert [client.recv(2) for client in clients] == [b"ok"] * 4
+        assert sorted(served_by) == [0, 0, 1, 1], served_by
+    finally:
+        for client in clients:
+            client.close()
+        for loop, thread in zip(loops, threads, strict=True):
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+        for transport in transports:
+            transport.close()
+        for loop, server in zip(loops, servers, strict=True):
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_a_non_finite_number_in_a_column_is_refused_as_in_rows(client, literal) -> None:
+    """JSON has no NaN or Infinity; the parser that reads them hands the column to the row checks."""
+    body = b'{"columns": {"distance": [1.0, %s], "temp": [null, null], "carrier": ["AA", "UA"]}}' % literal
+    resp = client.post("/predict/features", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    [problem] = resp.json()["detail"]
+    assert problem["loc"] == ["body", "columns", "distance", 1] and "finite" in problem["msg"], problem
+
+
+def test_a_server_warms_its_feature_route_before_the_first_request(store, alert_receiver) -> None:
+    """The first request of a process would otherwise pay for imports and first calls (~30 ms)."""
+    holder = ModelHolder(store, MODEL)
+    running = start_in_thread(create_app(holder, poll_seconds=60, token=TOKEN))
+    try:
+        assert holder.current is not None and holder.current.version in holder.codes
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_server_process_freezes_its_heap_after_start_up(store, alert_receiver, monkeypatch, own_process):
+    """``conveyor serve``'s processes do; an app sharing its process (these tests) leaves the GC alone."""
+    import conveyor.serving
+
+    calls: list[tuple[str, bool]] = []
+    holder = ModelHolder(store, MODEL)
+
+    class FakeGC:
+        @staticmethod
+        def collect() -> None:
+            calls.append(("collect", holder.current is not None))
+
+        @staticmethod
+        def freeze() -> None:
+            calls.append(("freeze", holder.current is not None))
+
+    monkeypatch.setattr(conveyor.serving, "gc", FakeGC)
+    running = start_in_thread(create_app(holder, poll_seconds=60, token=TOKEN, own_process=own_process))
+    running.stop()
+    assert calls == ([("collect", True), ("freeze", True)] if own_process else [])
