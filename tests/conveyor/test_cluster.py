@@ -27,8 +27,12 @@ def test_auto_picks_in_process_workers_for_small_data_only() -> None:
     large = resolve("auto", n_workers=2, data_bytes=DEFAULT_THREADED_MAX_BYTES + 1)
     unknown = resolve("auto", n_workers=2, data_bytes=None)
     assert not small.processes and large.processes and unknown.processes
-    # The same workers and threads either way: the data is laid out alike, the model is the same.
-    assert (small.n_workers, small.threads_per_worker) == (large.n_workers, large.threads_per_worker)
+    # The same workers either way: the data is laid out alike, the model is the same. In-process
+    # workers may each use every core; processes split them.
+    assert small.n_workers == large.n_workers
+    cores = os.cpu_count() or 1
+    assert small.threads_per_worker == cores
+    assert large.threads_per_worker == max(1, cores // large.n_workers)
 
 
 def test_an_explicit_cpu_cluster_keeps_worker_processes() -> None:
