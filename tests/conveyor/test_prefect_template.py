@@ -1,4 +1,5 @@
-"""A fresh Prefect home starts from a migrated template instead of running every migration."""
+"""A fresh Prefect home starts from a migrated template, its block types registered, instead of running
+every migration and registering every block type."""
 
 from __future__ import annotations
 
@@ -65,5 +66,15 @@ def test_a_server_starts_on_the_built_template_and_records_runs(tmp_path, templa
         )
         with urllib.request.urlopen(request, timeout=30) as resp:
             assert resp.status in (200, 201)
+        # The block types come with the template (a seeded home's first start skips registering them):
+        # the UI's block catalog is whole.
+        request = urllib.request.Request(
+            f"{api.url}/block_types/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            slugs = {b["slug"] for b in json.load(resp)}
+        assert {"secret", "json", "webhook", "slack-webhook", "local-file-system"} <= slugs
+        with sqlite3.connect(template) as db:
+            assert db.execute("select count(*) from block_type").fetchone() == (len(slugs),)
     finally:
         api.stop()
