@@ -73,7 +73,7 @@ def test_a_server_starts_on_the_built_template_and_records_runs(tmp_path, templa
         )
         with urllib.request.urlopen(request, timeout=30) as resp:
             slugs = {b["slug"] for b in json.load(resp)}
-        assert {"secret", "json", "webhook", "slack-webhook", "local-file-system"} <= slugs
+        assert {"secret", "webhook", "slack-webhook", "local-file-system", "s3-bucket"} <= slugs
         with sqlite3.connect(template) as db:
             assert db.execute("select count(*) from block_type").fetchone() == (len(slugs),)
     finally:
