@@ -430,7 +430,7 @@ def clean(
         rejected.to_parquet(q_url, **write),
         rejected[REASON].value_counts(),
     )
-    reasons = _by_count(reason_counts)
+    reasons = reasons_by_count(reason_counts)
 
     parts = dd.read_parquet(silver_url, columns=categorical or None, storage_options=store.options)
     levels = dask.compute({c: parts[c].dropna().unique() for c in categorical})[0] if categorical else {}
@@ -454,7 +454,8 @@ def quarantine_reasons(store: Store, quarantine: DatasetRef) -> dict[str, int]:
     if counted is not None:
         return counted
     # A version committed without its counts (or with counts that disagree with it): count the rows.
-    return _by_count(read_dataset(store, quarantine.url, columns=[REASON])[REASON].value_counts().compute())
+    rows = read_dataset(store, quarantine.url, columns=[REASON])
+    return reasons_by_count(rows[REASON].value_counts().compute())
 
 
 def reasons_in(manifest: Manifest, quarantine: DatasetRef) -> dict[str, int] | None:
@@ -465,7 +466,7 @@ def reasons_in(manifest: Manifest, quarantine: DatasetRef) -> dict[str, int] | N
     return {str(k): int(v) for k, v in counted.items()}
 
 
-def _by_count(counts: pd.Series) -> dict[str, int]:
+def reasons_by_count(counts: pd.Series) -> dict[str, int]:
     """Rows per reason, most frequent first."""
     return {str(k): int(v) for k, v in counts.sort_values(ascending=False, kind="stable").items() if v}
 

@@ -22,12 +22,14 @@ import pandas as pd
 
 from conveyor.store.storage import Store, open_manifest
 from conveyor.tasks.clean import (
+    REASONS_KEY,
     Lookups,
     _is_label_rule,
     features_of,
     lookups_from,
     prepare,
     quarantine_reasons,
+    reasons_by_count,
     reasons_for,
 )
 from conveyor.tasks.ingest import NA_TOKENS, REASON, type_partition
@@ -286,14 +288,26 @@ def score_raw(
         for target_url in (out_url, q_url):
             clear_version(store, target_url)
         write = parquet_write_options(store)
-        dask.compute(scored.to_parquet(out_url, **write), rejected.to_parquet(q_url, **write))
+        # The reasons counted in the same pass, kept in the quarantine's manifest (as clean does).
+        _, _, reason_counts = dask.compute(
+            scored.to_parquet(out_url, **write),
+            rejected.to_parquet(q_url, **write),
+            rejected[REASON].value_counts(),
+        )
         lineage = {
             "input": {"url": url, "fingerprint": fingerprint},
             "model": {"name": model, "version": loaded.version},
             "spec_version": featurizer.schema.spec_version,
             "lookups": featurizer.lookup_versions,
         }
-        q_done = commit_dataset(store, name, out_version, q_url, lineage | {"of": name})
+        q_done = commit_dataset(
+            store,
+            name,
+            out_version,
+            q_url,
+            lineage | {"of": name},
+            extra={REASONS_KEY: reasons_by_count(reason_counts)},
+        )
         done = commit_dataset(
             store,
             name,

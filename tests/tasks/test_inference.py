@@ -139,3 +139,32 @@ def test_unlabelled_rows_skip_label_rules_but_not_the_others(pipeline_run) -> No
     _, problems = featurize_rows(featurizer, [dict(row, arr_delay=20), dict(row, dest=None)])
     assert [(p.row, p.field) for p in problems] == [(0, "arr_delay"), (1, "dest")]
     assert "unknown field 'arr_delay'" in problems[0].msg and "'dest' is required" in problems[1].msg
+
+
+def test_batch_scoring_keeps_its_quarantine_reasons_in_the_manifest(
+    tmp_path, pipeline_run, dask_client, monkeypatch
+) -> None:
+    """Counted in the scoring pass and kept with the quarantine, as clean does: scoring the same input
+    again reads the counts, not the quarantined rows."""
+    store = pipeline_run.store
+    loaded = load_spec("flights")
+    leaky = set(loaded.label_columns) | set(loaded.spec.features.forbidden)
+    raw = read_dataset_pandas(store, pipeline_run.ingested.tables["flights"].bronze.url).head(40)
+    raw = raw.drop(columns=[c for c in leaky if c in raw.columns]).astype("string")
+    raw.loc[raw.index[0], "month"] = "13"
+    raw.loc[raw.index[1], "carrier"] = "ZZ"
+    source = tmp_path / "flights.csv"
+    raw.to_csv(source, index=False)
+    model = pipeline_run.trained.model
+
+    first = score_raw(store, dask_client, str(source), model, output_name="reasons_kept")
+    assert first.quarantined == 2 and sum(first.quarantine_reasons.values()) == 2
+    kept = open_manifest(store, first.quarantine_url).extra[clean.REASONS_KEY]
+    assert kept == first.quarantine_reasons
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("read the quarantined rows of a committed scoring")
+
+    monkeypatch.setattr(clean, "read_dataset", no_rows)
+    again = score_raw(store, dask_client, str(source), model, output_name="reasons_kept")
+    assert again.reused and again.quarantine_reasons == first.quarantine_reasons
