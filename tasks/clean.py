@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
@@ -53,6 +52,9 @@ from conveyor.tasks.spec import (
     load_spec,
     split_params,
 )
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
 
 DUPLICATE = "exact duplicate of an earlier row"
 REASONS_KEY = "quarantine_reasons"  # rows per reason, in the quarantine manifest's extra
@@ -431,6 +433,8 @@ def clean(
         rejected[REASON].value_counts(),
     )
     reasons = reasons_by_count(reason_counts)
+
+    import dask.dataframe as dd  # here: a run whose stages are all reused never imports it
 
     parts = dd.read_parquet(silver_url, columns=categorical or None, storage_options=store.options)
     levels = dask.compute({c: parts[c].dropna().unique() for c in categorical})[0] if categorical else {}

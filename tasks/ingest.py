@@ -18,10 +18,9 @@ import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -41,6 +40,9 @@ from conveyor.store.storage import (
 )
 from conveyor.tasks.schema import TableSchema
 from conveyor.tasks.spec import LoadedSpec, load_spec, resolve_url
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
 
 REASON = "_reason"
 SUFFIXES = (".parquet", ".csv", ".csv.gz", ".csv.zip", ".csv.bz2")
@@ -322,6 +324,8 @@ def _check_column_types(probe: pd.DataFrame, schema: TableSchema, source: str) -
 
 
 def _read_raw(url: str, schema: TableSchema, storage_options: dict[str, Any]) -> dd.DataFrame:
+    import dask.dataframe as dd  # here: a run whose stages are all reused never imports it
+
     present = _present_columns(url, storage_options)
     missing = [c for c in schema.names if c not in present]
     if missing:

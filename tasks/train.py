@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import dask
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
@@ -66,6 +65,8 @@ from conveyor.tasks.families import (
 from conveyor.tasks.spec import FOLD, SilverSchema, SplitParams, Task
 
 if TYPE_CHECKING:
+    import dask.dataframe as dd
+
     from conveyor.tasks.clean import CleanResult
 
 MODEL_FILE = "model.ubj"
@@ -318,6 +319,8 @@ def spread(client: Any, frame: dd.DataFrame) -> tuple[dd.DataFrame, int]:
             client.compute(part, workers=[workers[i % len(workers)]])
             for i, part in enumerate(frame.to_delayed())
         ]
+    import dask.dataframe as dd  # here: a run whose stages are all reused never imports it
+
     return dd.from_delayed(placed, meta=frame._meta, verify_meta=False), rows
 
 
@@ -872,6 +875,8 @@ def place(client: Any, frame: dd.DataFrame, worker: str) -> tuple[dd.DataFrame, 
     placed = [client.compute(part, **where) for part in frame.to_delayed()]
     lengths = client.gather([client.submit(len, f, pure=False, **where) for f in placed])
     kept = [f for f, n in zip(placed, lengths, strict=False) if n] or placed[:1]
+    import dask.dataframe as dd
+
     return dd.from_delayed(kept, meta=frame._meta, verify_meta=False), int(sum(lengths))
 
 
