@@ -78,6 +78,15 @@ def _raw_sample(store: Any, card: dict[str, Any], featurizer: Any, n: int) -> li
     return rows
 
 
+def _ratios(served: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """Served over ``base``: latency percentiles (lower is better) and rows/s (higher is better)."""
+    return {
+        "p50": round(served["p50_ms"] / base["p50_ms"], 1),
+        "p99": round(served["p99_ms"] / base["p99_ms"], 1),
+        "throughput": round(served["rows_per_s"] / base["rows_per_s"], 4),
+    }
+
+
 def _stats(latencies: list[float], wall: float, rows_per_call: int) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000
     return {
@@ -288,16 +297,8 @@ def run(
             "in_process_full_path": ip,
             "booster_direct": d,
             "booster_direct_numpy": dn,
-            "ratio_served_to_direct": {
-                "p50": round(s["p50_ms"] / d["p50_ms"], 1),
-                "p99": round(s["p99_ms"] / d["p99_ms"], 1),
-                "throughput": round(s["rows_per_s"] / d["rows_per_s"], 4),
-            },
-            "ratio_served_to_direct_numpy": {
-                "p50": round(s["p50_ms"] / dn["p50_ms"], 1),
-                "p99": round(s["p99_ms"] / dn["p99_ms"], 1),
-                "throughput": round(s["rows_per_s"] / dn["rows_per_s"], 4),
-            },
+            "ratio_served_to_direct": _ratios(s, d),
+            "ratio_served_to_direct_numpy": _ratios(s, dn),
         }
     # The batch above sends columns (README: "Batches as columns"); the same rows as row objects:
     rows_s, rows_ip = _stats(*served["batch_rows"], len(rows)), _stats(*in_process["batch_rows"], len(rows))
@@ -305,11 +306,7 @@ def run(
     result["batch"]["rows_body"] = {
         "served": rows_s,
         "in_process_full_path": rows_ip,
-        "ratio_served_to_direct": {
-            "p50": round(rows_s["p50_ms"] / direct_batch["p50_ms"], 1),
-            "p99": round(rows_s["p99_ms"] / direct_batch["p99_ms"], 1),
-            "throughput": round(rows_s["rows_per_s"] / direct_batch["rows_per_s"], 4),
-        },
+        "ratio_served_to_direct": _ratios(rows_s, direct_batch),
     }
     raw_s, raw_b = _stats(*served["raw_single"], 1), _stats(*served["raw_batch"], len(rows))
     result["raw"] = {
